@@ -1,0 +1,160 @@
+"""Settings for every Sluice process: environment (SLUICE_*) over optional YAML.
+
+Validated once at start-up so a bad value stops the process with its name,
+instead of failing later on a hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
+
+SERVICES = ("gateway", "redaction", "prompts", "inference", "metering", "audit")
+ServiceName = Literal["gateway", "redaction", "prompts", "inference", "metering", "audit"]
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+class ModelSpec(BaseModel):
+    engine: Literal["llamacpp"] = "llamacpp"
+    source: str
+    aliases: list[str] = Field(default_factory=list)
+    context_tokens: int = Field(gt=0)
+    max_output_tokens: int = Field(gt=0)
+
+
+class ModelCatalog(BaseModel):
+    default_model: str
+    models: dict[str, ModelSpec]
+
+    def resolve(self, name: str) -> str | None:
+        """Canonical model name for a name or alias; '' means the default."""
+        if not name:
+            return self.default_model
+        if name in self.models:
+            return name
+        for canonical, spec in self.models.items():
+            if name in spec.aliases:
+                return canonical
+        return None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="forbid", frozen=True)
+
+    # When unset, the local stack starts (and owns) its own broker.
+    kafka_bootstrap: str | None = None
+    local_kafka_port: int = Field(default=9092, gt=0, lt=65536)
+    state_dir: Path = REPO_ROOT / ".sluice"
+    host: str = "127.0.0.1"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    gateway_port: int = Field(default=50051, gt=0, lt=65536)
+    redaction_port: int = Field(default=50052, gt=0, lt=65536)
+    prompts_port: int = Field(default=50053, gt=0, lt=65536)
+    inference_port: int = Field(default=50054, gt=0, lt=65536)
+    metering_port: int = Field(default=50055, gt=0, lt=65536)
+    audit_port: int = Field(default=50056, gt=0, lt=65536)
+    # Prometheus /metrics listens on the gRPC port plus this offset.
+    metrics_port_offset: int = Field(default=1000, ge=0)
+
+    models_file: Path = DEFAULTS_DIR / "models.yaml"
+    prices_file: Path = DEFAULTS_DIR / "prices.yaml"
+    topics_file: Path = REPO_ROOT / "schemas" / "topics.yaml"
+
+    # Which sluice.tokens.v1 partition this gateway replica reads its replies from.
+    gateway_reply_partition: int = Field(default=0, ge=0)
+    # How long the gateway waits for a request's reply events before giving up.
+    gateway_reply_timeout_s: float = Field(default=120.0, gt=0)
+    # The stream ends this long after `finished` if metering has not priced it yet.
+    gateway_cost_wait_s: float = Field(default=10.0, ge=0)
+
+    inference_slots: int = Field(default=1, ge=1)
+    inference_threads: int | None = Field(default=None, ge=1)
+    token_flush_tokens: int = Field(default=8, ge=1)
+    token_flush_ms: int = Field(default=5, ge=0)
+
+    redaction_score_threshold: float = Field(default=0.35, ge=0, le=1)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get("SLUICE_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    def grpc_port(self, service: ServiceName) -> int:
+        port: int = getattr(self, f"{service}_port")
+        return port
+
+    def grpc_target(self, service: ServiceName) -> str:
+        return f"{self.host}:{self.grpc_port(service)}"
+
+    def metrics_port(self, service: ServiceName) -> int:
+        return self.grpc_port(service) + self.metrics_port_offset
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.local_kafka_port}"
+
+    @cached_property
+    def catalog(self) -> ModelCatalog:
+        catalog = ModelCatalog.model_validate(_read_yaml(self.models_file, "SLUICE_MODELS_FILE"))
+        if catalog.default_model not in catalog.models:
+            raise ConfigError(
+                f"SLUICE_MODELS_FILE: default_model {catalog.default_model!r} is not in models"
+            )
+        return catalog
+
+
+def _read_yaml(path: Path, setting: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{setting}: {path} is not valid YAML: {exc}") from exc
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, or ConfigError naming the bad variable."""
+    try:
+        settings = Settings(**overrides)
+        _ = settings.catalog
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SLUICE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(problems) from None
+    return settings

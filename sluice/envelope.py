@@ -1,0 +1,79 @@
+"""The envelope every event carries: identity, attempt, tenant, time, trace."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sluice.v1 import envelope_pb2
+
+SCHEMA_VERSION = 1
+
+
+class HasEnvelope(Protocol):
+    @property
+    def envelope(self) -> envelope_pb2.Envelope: ...
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_traceparent() -> str:
+    """A fresh W3C traceparent, so every request is traceable from its first event."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def new_envelope(
+    *,
+    request_id: str,
+    tenant: str,
+    producer: str,
+    attempt: int = 1,
+    traceparent: str | None = None,
+) -> envelope_pb2.Envelope:
+    return envelope_pb2.Envelope(
+        request_id=request_id,
+        attempt=attempt,
+        tenant=tenant,
+        event_time=_now(),
+        traceparent=traceparent or new_traceparent(),
+        schema_version=SCHEMA_VERSION,
+        event_id=uuid.uuid4().hex,
+        producer=producer,
+    )
+
+
+def follow(parent: envelope_pb2.Envelope, producer: str) -> envelope_pb2.Envelope:
+    """Envelope for an event caused by `parent`: same request, attempt, tenant and trace."""
+    return new_envelope(
+        request_id=parent.request_id,
+        tenant=parent.tenant,
+        producer=producer,
+        attempt=parent.attempt,
+        traceparent=parent.traceparent,
+    )
+
+
+def validate(envelope: envelope_pb2.Envelope) -> None:
+    """Raise ValueError naming the first envelope field a consumer cannot trust."""
+    if not envelope.request_id:
+        raise ValueError("envelope.request_id is empty")
+    if envelope.attempt < 1:
+        raise ValueError("envelope.attempt must be >= 1")
+    if not envelope.tenant:
+        raise ValueError("envelope.tenant is empty")
+    if envelope.schema_version != SCHEMA_VERSION:
+        raise ValueError(
+            f"envelope.schema_version {envelope.schema_version} is not supported "
+            f"(expected {SCHEMA_VERSION})"
+        )

@@ -1,0 +1,298 @@
+"""Kafka I/O every service shares: resilient start-up, produce, and the consume loop.
+
+The loop gives every consumer the same guarantees: offsets are committed only
+after a record's outputs are produced (in one transaction where the service is
+transactional), duplicates of (request_id, attempt) are dropped, and a record
+that can never be processed goes to the dead-letter topic instead of stopping
+the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from google.protobuf.message import Message
+
+from sluice import envelope as envelopes
+from sluice import metrics
+from sluice.logs import get_logger
+from sluice.topics import DLQ, BadEvent, Codec
+from sluice.v1 import events_pb2
+
+log = get_logger()
+
+T = TypeVar("T")
+
+
+async def with_backoff(
+    what: str,
+    service: str,
+    start: Callable[[], Awaitable[T]],
+    *,
+    first_delay: float = 0.5,
+    max_delay: float = 15.0,
+) -> T:
+    """Retry `start` while the cluster is unreachable: one clear line per try, no traceback."""
+    delay = first_delay
+    while True:
+        try:
+            return await start()
+        except (KafkaConnectionError, KafkaError, OSError) as exc:
+            metrics.KAFKA_CONNECT_RETRIES.labels(service).inc()
+            log.warning(
+                "kafka unreachable, retrying",
+                what=what,
+                error=type(exc).__name__,
+                retry_in_s=round(delay, 1),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
+async def start_producer(
+    bootstrap: str, service: str, transactional_id: str | None = None
+) -> AIOKafkaProducer:
+    async def start() -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=f"sluice-{service}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=1,
+            transactional_id=transactional_id,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    return await with_backoff("producer", service, start)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record a handler wants produced before its input is committed."""
+
+    topic: str
+    event: Message
+    key: str
+    partition: int | None = None
+
+
+@dataclass
+class RecentKeys:
+    """Bounded memory of handled (topic, request_id, attempt) to drop redeliveries."""
+
+    capacity: int = 100_000
+    _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
+
+    def seen(self, key: tuple[str, str, int]) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        return False
+
+    def remember(self, key: tuple[str, str, int]) -> None:
+        self._seen[key] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+Handler = Callable[[Any, ConsumerRecord[bytes, bytes]], Awaitable[Sequence[Output]]]
+
+
+class RequestFailed(Exception):
+    """The request cannot proceed; the caller gets `code` (a gRPC status name) and the reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def failure_reply(event: Message, code: str, message: str, stage: str) -> list[Output]:
+    """A StreamFailed for the gateway waiting on `event`'s request, if one is waiting."""
+    reply_to = getattr(event, "reply_to", None)
+    if reply_to is None or not reply_to.topic:
+        return []
+    reply = events_pb2.ReplyEvent(
+        envelope=envelopes.follow(event.envelope, stage),  # type: ignore[attr-defined]
+        failed=events_pb2.StreamFailed(code=code, message=message, stage=stage),
+    )
+    return [Output(reply_to.topic, reply, reply.envelope.request_id, reply_to.partition)]
+
+
+@dataclass
+class EventConsumer:
+    """Consume `topics` in `group_id`, run `handler`, produce its outputs, then commit."""
+
+    service: str
+    group_id: str
+    topics: Sequence[str]
+    handler: Handler
+    codec: Codec
+    bootstrap: str
+    producer: AIOKafkaProducer
+    transactional: bool = False
+    _consumer: AIOKafkaConsumer | None = None
+    _recent: RecentKeys = field(default_factory=RecentKeys)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        self._consumer = await with_backoff(f"consumer {self.group_id}", self.service, self._start)
+        consumer = self._consumer
+        log.info("consuming", group=self.group_id, topics=list(self.topics))
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=100)
+                # Across partitions, handle in event-time order (each partition's order kept),
+                # so a request's stages are seen in the order they happened.
+                for record in heapq.merge(*batches.values(), key=lambda r: r.timestamp):
+                    await self._handle(record)
+                    await self._commit(TopicPartition(record.topic, record.partition), record.offset + 1)
+        finally:
+            await consumer.stop()
+
+    async def stop(self) -> None:
+        """Finish the record in hand, commit it, and leave the group."""
+        self._stopping.set()
+
+    async def _start(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            client_id=f"sluice-{self.service}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        started = time.perf_counter()
+        outputs: Sequence[Output]
+        event: Message | None = None
+        outcome = "ok"
+        try:
+            event = self.codec.decode(record.topic, record.value, _content_type(record))
+            env = getattr(event, "envelope", None)
+            if env is not None:
+                try:
+                    envelopes.validate(env)
+                except ValueError as exc:
+                    raise BadEvent(str(exc)) from None
+                dedupe_key = (record.topic, env.request_id, env.attempt)
+                if self._recent.seen(dedupe_key):
+                    metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
+                    log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
+                    return
+            outputs = await self.handler(event, record)
+        except BadEvent as exc:
+            outcome = "dead_letter"
+            outputs = self._dead_letter(record, event, str(exc), "INVALID_ARGUMENT")
+        except RequestFailed as exc:
+            outcome = "dead_letter"
+            outputs = self._dead_letter(record, event, str(exc), exc.code)
+        except Exception as exc:  # a bug or a broken dependency must not stop the consumer
+            outcome = "dead_letter"
+            log.exception("handler failed", topic=record.topic, offset=record.offset)
+            reason = f"{self.service} failed: {type(exc).__name__}"
+            outputs = self._dead_letter(record, event, reason, "INTERNAL")
+        await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
+        env = getattr(event, "envelope", None)
+        if env is not None and env.request_id:
+            self._recent.remember((record.topic, env.request_id, env.attempt))
+        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()
+        metrics.HANDLER_SECONDS.labels(self.service, record.topic).observe(time.perf_counter() - started)
+
+    def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], event: Message | None, reason: str, code: str
+    ) -> list[Output]:
+        env = getattr(event, "envelope", None)
+        request_id = env.request_id if env is not None and env.request_id else ""
+        log.warning(
+            "dead-lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            request_id=request_id,
+        )
+        if record.topic == DLQ:
+            return []  # never dead-letter a dead letter: that could loop forever
+        payload = record.value or b""
+        letter = events_pb2.DeadLetter(
+            envelope=envelopes.new_envelope(
+                request_id=request_id or f"dlq-{record.topic}-{record.partition}-{record.offset}",
+                tenant=env.tenant if env is not None and env.tenant else "unknown",
+                attempt=max(env.attempt, 1) if env is not None else 1,
+                producer=self.service,
+            ),
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            consumer_group=self.group_id,
+            reason=reason,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_size=len(payload),
+        )
+        outputs = [Output(DLQ, letter, letter.envelope.request_id)]
+        if env is not None and env.request_id:
+            outputs.extend(failure_reply(event, code, reason, self.service))  # type: ignore[arg-type]
+        return outputs
+
+    async def _produce(self, outputs: Sequence[Output], record: ConsumerRecord[bytes, bytes]) -> None:
+        if self.transactional:
+            async with self.producer.transaction():
+                await self._send_all(outputs)
+                tp = TopicPartition(record.topic, record.partition)
+                await self.producer.send_offsets_to_transaction({tp: record.offset + 1}, self.group_id)
+        else:
+            await self._send_all(outputs)
+
+    async def _send_all(self, outputs: Sequence[Output]) -> None:
+        pending = [
+            await self.producer.send(
+                o.topic, o.event.SerializeToString(), key=o.key.encode(), partition=o.partition
+            )
+            for o in outputs
+        ]
+        for future in pending:
+            await future
+        for o in outputs:
+            metrics.EVENTS_PRODUCED.labels(self.service, o.topic).inc()
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        if self.transactional or self._consumer is None:
+            return  # committed inside the transaction
+        await self._consumer.commit({tp: offset})
+
+
+async def send(producer: AIOKafkaProducer, service: str, output: Output) -> None:
+    await producer.send_and_wait(
+        output.topic, output.event.SerializeToString(), key=output.key.encode(), partition=output.partition
+    )
+    metrics.EVENTS_PRODUCED.labels(service, output.topic).inc()
+
+
+def _content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
+    for name, value in record.headers or ():
+        if name.lower() == "content-type":
+            return bytes(value)
+    return None

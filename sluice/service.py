@@ -1,0 +1,153 @@
+"""The one shape every Sluice service has.
+
+A gRPC server with health and reflection, Kafka consumers in the service's own
+group, a Prometheus endpoint, JSON logs, and a drain on SIGTERM: stop taking
+work, finish and commit what is in hand, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiokafka import AIOKafkaProducer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from sluice import logs
+from sluice.config import ServiceName, Settings
+from sluice.kafka import EventConsumer, start_producer
+from sluice.topics import Codec, load_plan
+
+log = logs.get_logger()
+
+
+@dataclass(frozen=True)
+class GrpcApi:
+    """A servicer and how to register it; `name` is its full service name for reflection."""
+
+    name: str
+    servicer: Any
+    register: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class Runtime:
+    """What a service gets from the platform once it is connected."""
+
+    settings: Settings
+    service: ServiceName
+    codec: Codec
+    producer: AIOKafkaProducer
+
+    def consumer(
+        self, topics: Sequence[str], handler: Any, group_id: str | None = None, **kwargs: Any
+    ) -> EventConsumer:
+        return EventConsumer(
+            service=self.service,
+            group_id=group_id or f"sluice-{self.service}",
+            topics=topics,
+            handler=handler,
+            codec=self.codec,
+            bootstrap=self.settings.bootstrap,
+            producer=self.producer,
+            **kwargs,
+        )
+
+
+@dataclass
+class Service:
+    """Subclasses load their heavy parts in `prepare` and wire Kafka in `connect`."""
+
+    settings: Settings
+    name: ServiceName = field(init=False)
+    transactional_id: str | None = field(init=False, default=None)
+
+    async def prepare(self) -> None:
+        """Load models and state before the service reports SERVING."""
+
+    def apis(self) -> Sequence[GrpcApi]:
+        return ()
+
+    async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
+        return ()
+
+    async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
+        """Long-running tasks other than consumers (e.g. the gateway's reply reader)."""
+        return ()
+
+    async def close(self) -> None:
+        """Release what `prepare` loaded."""
+
+
+async def serve(service: Service) -> None:
+    settings = service.settings
+    name = service.name
+    start_http_server(settings.metrics_port(name), addr=settings.host)
+
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [api.name for api in service.apis()]
+    for api in service.apis():
+        api.register(api.servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.grpc_port(name)}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"{name}: cannot listen on {address} (SLUICE_{name.upper()}_PORT)")
+    await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("grpc listening", address=address, metrics_port=settings.metrics_port(name))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await service.prepare()
+    producer = await start_producer(settings.bootstrap, name, service.transactional_id)
+    runtime = Runtime(settings, name, Codec(load_plan(settings.topics_file)), producer)
+    consumers = list(await service.connect(runtime))
+    tasks = [asyncio.create_task(c.run(), name=f"consumer:{c.group_id}") for c in consumers]
+    tasks += list(await service.background(runtime))
+    await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", consumers=[c.group_id for c in consumers])
+
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopper and task.exception() is not None:
+            log.error("task died, shutting down", task=task.get_name(), error=repr(task.exception()))
+
+    log.info("draining")
+    await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for consumer in consumers:
+        await consumer.stop()
+    await server.stop(grace=settings.drain_timeout_s / 2)
+    _, pending = await asyncio.wait(tasks, timeout=settings.drain_timeout_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    await producer.stop()
+    await service.close()
+    log.info("stopped")
+
+
+async def _set_status(
+    servicer: health.aio.HealthServicer, names: Sequence[str], status: Any
+) -> None:
+    await servicer.set("", status)
+    for name in names:
+        await servicer.set(name, status)
+
+
+def run(service: Service) -> None:
+    logs.configure(service.name, service.settings.log_level)
+    asyncio.run(serve(service))
