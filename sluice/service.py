@@ -112,19 +112,33 @@ async def serve(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await service.prepare()
-    producer = await start_producer(settings.bootstrap, name, service.transactional_id)
-    runtime = Runtime(settings, name, Codec(load_plan(settings.topics_file)), producer)
-    consumers = list(await service.connect(runtime))
-    tasks = [asyncio.create_task(c.run(), name=f"consumer:{c.group_id}") for c in consumers]
-    tasks += list(await service.background(runtime))
+    async def start_up() -> tuple[AIOKafkaProducer, list[EventConsumer], list[asyncio.Task[None]]]:
+        await service.prepare()
+        producer = await start_producer(settings.bootstrap, name, service.transactional_id)
+        runtime = Runtime(settings, name, Codec(load_plan(settings.topics_file)), producer)
+        consumers = list(await service.connect(runtime))
+        background = list(await service.background(runtime))
+        return producer, consumers, background
+
+    # SIGTERM must work even while we are still waiting for Kafka.
+    starting = asyncio.create_task(start_up())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await server.stop(grace=0)
+        await service.close()
+        log.info("stopped before start-up finished")
+        return
+    producer, consumers, background = starting.result()
+    consuming = [asyncio.create_task(c.run(), name=f"consumer:{c.group_id}") for c in consumers]
     await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", consumers=[c.group_id for c in consumers])
 
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait([stopper, *consuming, *background], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
-        if task is not stopper and task.exception() is not None:
+        if task is not stopper and not task.cancelled() and task.exception() is not None:
             log.error("task died, shutting down", task=task.get_name(), error=repr(task.exception()))
 
     log.info("draining")
@@ -132,9 +146,13 @@ async def serve(service: Service) -> None:
     for consumer in consumers:
         await consumer.stop()
     await server.stop(grace=settings.drain_timeout_s / 2)
-    _, pending = await asyncio.wait(tasks, timeout=settings.drain_timeout_s) if tasks else (set(), set())
-    for task in pending:
+    if consuming:
+        _, unfinished = await asyncio.wait(consuming, timeout=settings.drain_timeout_s)
+        for task in unfinished:
+            task.cancel()
+    for task in background:
         task.cancel()
+    await asyncio.gather(*consuming, *background, return_exceptions=True)
     await producer.stop()
     await service.close()
     log.info("stopped")

@@ -60,7 +60,11 @@ class Stack:
         return asyncio.run(apply(self.settings.bootstrap, load_plan(self.settings.topics_file)))
 
     def child_env(self) -> dict[str, str]:
+        """The services see exactly the settings this stack was made with."""
         env = dict(os.environ)
+        for key, value in self.settings.model_dump(exclude_unset=True).items():
+            if value is not None:
+                env[f"SLUICE_{key.upper()}"] = str(value)
         env["SLUICE_KAFKA_BOOTSTRAP"] = self.settings.bootstrap
         env["SLUICE_STATE_DIR"] = str(self.settings.state_dir)
         return env

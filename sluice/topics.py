@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -101,5 +102,8 @@ class Codec:
 
 
 def _without_values(error: str) -> str:
-    """Parser messages quote offending values, which may be raw PII; keep only the field."""
+    """Parser messages quote offending values, which may be raw PII; keep only the field path."""
+    path = re.findall(r"Failed to parse (\S+) field", error)
+    if path:
+        return f"field {'.'.join(path)} has an invalid value"
     return error.split(":", 1)[0].strip()

@@ -1,0 +1,64 @@
+# Sluice: `make run` starts everything in the foreground; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SLUICE := $(VENV)/bin/sluice
+STAMP := $(VENV)/.installed
+
+.PHONY: help prereqs install kafka-jars protos lint test run up down status bench clean
+
+help:
+	@echo "make run     build what is missing, start the whole stack in the foreground"
+	@echo "make up      same, in the background;  make down  stops it;  make status"
+	@echo "make test    every test (starts its own Kafka broker and services)"
+	@echo "make lint    ruff, mypy, buf lint, stale-stub check"
+	@echo "make protos  regenerate the Python stubs from protos/"
+
+prereqs:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s)" % sys.version.split()[0])'
+	@command -v java >/dev/null || { echo "java not found: install Java 17+ (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (e.g. apt-get install maven)"; exit 1; }
+	@command -v cc >/dev/null || { echo "no C compiler: install gcc (needed once to build llama-cpp-python)"; exit 1; }
+	@command -v cmake >/dev/null || { echo "cmake not found: install cmake (needed once to build llama-cpp-python)"; exit 1; }
+
+# The venv is rebuilt when pyproject.toml changes. pip's cache keeps the
+# llama-cpp-python wheel after its first (~12 min) build, so later installs are fast.
+$(STAMP): pyproject.toml | prereqs
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-jars: $(STAMP)
+	$(PY) -c 'from sluice.broker import kafka_classpath; from sluice.config import REPO_ROOT, load_settings; kafka_classpath(REPO_ROOT, load_settings().state_dir)'
+
+protos: $(STAMP)
+	tools/gen_protos.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sluice services streams tests
+	$(VENV)/bin/mypy
+	cd protos && ../$(VENV)/bin/buf lint
+	@tmp=$$(mktemp -d) && tools/gen_protos.sh $$tmp && \
+	  diff -r -q -x __pycache__ $$tmp/sluice/v1 sluice/v1 || { echo "generated stubs are stale: run 'make protos'"; exit 1; }
+
+test: $(STAMP) kafka-jars
+	$(PY) -m pytest
+
+run: $(STAMP) kafka-jars
+	$(SLUICE) run
+
+up: $(STAMP) kafka-jars
+	$(SLUICE) up
+
+down: $(STAMP)
+	$(SLUICE) down
+
+status: $(STAMP)
+	$(SLUICE) status
+
+clean: down
+	rm -rf .sluice

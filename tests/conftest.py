@@ -1,0 +1,100 @@
+"""Shared fixtures: a real Kafka broker for the session, and the real six-service stack.
+
+If SLUICE_KAFKA_BOOTSTRAP is set, tests use that cluster instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from sluice.broker import LocalBroker
+from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
+from sluice.stack import Stack
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports (all sockets held open while choosing)."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_offset(ports: list[int]) -> int:
+    """An offset that puts every service's /metrics port on a free port."""
+    for offset in range(1000, 3000, 7):
+        if all(p + offset < 65536 and _port_free(p + offset) for p in ports):
+            return offset
+    raise RuntimeError("no free block of metrics ports")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("SLUICE_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    port, controller = free_ports(2)
+    broker = LocalBroker(REPO_ROOT, tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller)
+    broker.start()
+    try:
+        broker.wait_ready(timeout=120)
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def topics_ready(kafka_bootstrap: str) -> str:
+    settings = load_settings(kafka_bootstrap=kafka_bootstrap)
+    Stack(settings).apply_topics()
+    return kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def stack_settings(topics_ready: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    ports = free_ports(len(SERVICES))
+    return load_settings(
+        kafka_bootstrap=topics_ready,
+        state_dir=tmp_path_factory.mktemp("state"),
+        metrics_port_offset=_free_offset(ports),
+        gateway_reply_timeout_s=120,
+        **{f"{name}_port": port for name, port in zip(SERVICES, ports, strict=True)},
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings) -> Iterator[Stack]:
+    """All six services as real processes, as `make run` starts them."""
+    running = Stack(stack_settings)
+    try:
+        for name in SERVICES:
+            running.start_service(name)
+        running.wait_healthy(timeout=300)
+        yield running
+    finally:
+        running.stop_services()
+
+
+def service_logs(stack: Stack) -> dict[str, str]:
+    return {
+        path.stem: path.read_text(errors="replace") for path in Path(stack.log_dir).glob("*.log")
+    }
