@@ -188,7 +188,7 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish_name(reason: int) -> str | None:
+def _finish_name(reason: events_pb2.FinishReason.ValueType) -> str | None:
     if reason == events_pb2.FINISH_REASON_UNSPECIFIED:
         return None
     return events_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()

@@ -23,8 +23,8 @@ from pydantic_settings import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 
-SERVICES = ("gateway", "redaction", "prompts", "inference", "metering", "audit")
 ServiceName = Literal["gateway", "redaction", "prompts", "inference", "metering", "audit"]
+SERVICES: tuple[ServiceName, ...] = ("gateway", "redaction", "prompts", "inference", "metering", "audit")
 
 
 class ConfigError(ValueError):

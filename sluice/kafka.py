@@ -149,8 +149,8 @@ class EventConsumer:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        self._consumer = await with_backoff(f"consumer {self.group_id}", self.service, self._start)
-        consumer = self._consumer
+        consumer = await with_backoff(f"consumer {self.group_id}", self.service, self._start)
+        self._consumer = consumer
         log.info("consuming", group=self.group_id, topics=list(self.topics))
         try:
             while not self._stopping.is_set():

@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # public re-export
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -25,6 +26,9 @@ from sluice.kafka import EventConsumer, start_producer
 from sluice.topics import Codec, load_plan
 
 log = logs.get_logger()
+
+# What every RPC handler receives; aliased so servicers need not repeat the generics.
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ async def serve(service: Service) -> None:
     start_http_server(settings.metrics_port(name), addr=settings.host)
 
     server = grpc.aio.server()
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [api.name for api in service.apis()]
     for api in service.apis():
@@ -159,7 +163,7 @@ async def serve(service: Service) -> None:
 
 
 async def _set_status(
-    servicer: health.aio.HealthServicer, names: Sequence[str], status: Any
+    servicer: health_aio.HealthServicer, names: Sequence[str], status: Any
 ) -> None:
     await servicer.set("", status)
     for name in names:

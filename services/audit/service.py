@@ -20,7 +20,7 @@ from services.audit.store import AuditStore
 from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output, with_backoff
 from sluice.logs import get_logger
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import AUDIT
 from sluice.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 
@@ -33,7 +33,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         self.store = store
 
     async def GetTrail(
-        self, request: audit_pb2.GetTrailRequest, context: grpc.aio.ServicerContext
+        self, request: audit_pb2.GetTrailRequest, context: Context
     ) -> audit_pb2.GetTrailResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")

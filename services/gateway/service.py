@@ -18,7 +18,7 @@ from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import Output, send
 from sluice.logs import get_logger
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import FEEDBACK, REQUESTS, TOKENS
 from sluice.v1 import envelope_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -43,7 +43,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # Finished idempotent requests, replayed instead of re-run.
     _replays: OrderedDict[str, list[gateway_pb2.GenerateResponse]] = field(default_factory=OrderedDict)
 
-    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+    async def _tenant(self, context: Context) -> str:
         metadata = dict(context.invocation_metadata() or ())
         tenant = self.keys.tenant_for(metadata.get("authorization"))
         if tenant is None:
@@ -54,14 +54,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         assert tenant is not None
         return tenant
 
-    async def _runtime(self, context: grpc.aio.ServicerContext) -> Runtime:
+    async def _runtime(self, context: Context) -> Runtime:
         if self.runtime is None or not self.replies.ready.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is starting; retry shortly")
         assert self.runtime is not None
         return self.runtime
 
     async def Generate(
-        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         tenant = await self._tenant(context)
         try:
@@ -120,7 +120,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self,
         queue: asyncio.Queue[events_pb2.ReplyEvent],
         request_id: str,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         finished: events_pb2.StreamFinished | None = None
         while True:
@@ -161,7 +161,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self._replays.popitem(last=False)
 
     async def SubmitFeedback(
-        self, request: gateway_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SubmitFeedbackRequest, context: Context
     ) -> gateway_pb2.SubmitFeedbackResponse:
         tenant = await self._tenant(context)
         if not request.request_id:

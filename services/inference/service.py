@@ -24,7 +24,7 @@ from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output
 from sluice.logs import get_logger
 from sluice.models import resolve_model_path
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import COMPLETIONS, PROMPTS, BadEvent
 from sluice.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 
@@ -91,7 +91,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     engines: dict[str, LlamaCppEngine]
 
     async def ListModels(
-        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(
             models=[

@@ -19,7 +19,7 @@ from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output, RequestFailed
 from sluice.logs import get_logger
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import COMPLETIONS, USAGE
 from sluice.v1 import envelope_pb2, events_pb2, metering_pb2, metering_pb2_grpc
 
@@ -31,7 +31,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
     ledger: Ledger
 
     async def GetUsage(
-        self, request: metering_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+        self, request: metering_pb2.GetUsageRequest, context: Context
     ) -> metering_pb2.GetUsageResponse:
         rows = [
             metering_pb2.TenantUsage(

@@ -15,7 +15,7 @@ from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output
 from sluice.logs import get_logger
 from sluice.models import resolve_model_path
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import PROMPTS, REDACTED, BadEvent
 from sluice.v1 import events_pb2, prompts_pb2, prompts_pb2_grpc
 
@@ -61,7 +61,7 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
     assembler: Assembler
 
     async def Render(
-        self, request: prompts_pb2.RenderRequest, context: grpc.aio.ServicerContext
+        self, request: prompts_pb2.RenderRequest, context: Context
     ) -> prompts_pb2.RenderResponse:
         if not request.messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages: at least one message is required")

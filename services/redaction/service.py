@@ -19,7 +19,7 @@ from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output
 from sluice.logs import get_logger
-from sluice.service import GrpcApi, Runtime, Service
+from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import REDACTED, REQUESTS, BadEvent
 from sluice.v1 import envelope_pb2, events_pb2, redaction_pb2, redaction_pb2_grpc
 
@@ -52,7 +52,7 @@ class RedactionServicer(redaction_pb2_grpc.RedactionServicer):
     redactor: Redactor | None = None
 
     async def Redact(
-        self, request: redaction_pb2.RedactRequest, context: grpc.aio.ServicerContext
+        self, request: redaction_pb2.RedactRequest, context: Context
     ) -> redaction_pb2.RedactResponse:
         if not request.text:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: must not be empty")
