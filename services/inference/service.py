@@ -26,7 +26,7 @@ from sluice.logs import get_logger
 from sluice.models import resolve_model_path
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import COMPLETIONS, PROMPTS, BadEvent
-from sluice.v1 import events_pb2, inference_pb2, inference_pb2_grpc
+from sluice.v1 import envelope_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 
 log = get_logger()
 FINISH = {
@@ -169,7 +169,7 @@ class InferenceService(Service):
         await writer.close()
         result = stream.result
         ended = time.monotonic()
-        usage = events_pb2.Usage(
+        usage = envelope_pb2.Usage(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             total_tokens=result.total_tokens,

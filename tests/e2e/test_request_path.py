@@ -107,7 +107,10 @@ async def _all_values(bootstrap: str, topic: str, partitions: int) -> list[bytes
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         values: list[bytes] = []
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 values.extend((r.key or b"") + b"|" + (r.value or b"") for r in records)
         return values
