@@ -64,7 +64,9 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
         self, request: prompts_pb2.RenderRequest, context: Context
     ) -> prompts_pb2.RenderResponse:
         if not request.messages:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages: at least one message is required")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "messages: at least one message is required"
+            )
         if not self.assembler.templates:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prompts is loading its templates")
         try:
@@ -72,7 +74,11 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                 request.model, [(m.role, m.content) for m in request.messages], max_tokens=0
             )
         except BadEvent as exc:
-            code = grpc.StatusCode.NOT_FOUND if str(exc).startswith("model:") else grpc.StatusCode.INVALID_ARGUMENT
+            code = (
+                grpc.StatusCode.NOT_FOUND
+                if str(exc).startswith("model:")
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
             await context.abort(code, str(exc))
         return prompts_pb2.RenderResponse(
             prompt=done.prompt, prompt_tokens=done.prompt_tokens, template=done.template
