@@ -39,7 +39,7 @@ protos: $(STAMP)
 	tools/gen_protos.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sluice services streams tests
+	$(VENV)/bin/ruff check sluice services tests
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
 	@tmp=$$(mktemp -d) && tools/gen_protos.sh $$tmp && \

@@ -86,16 +86,24 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def _announce(settings: Settings, seconds: float, as_json: bool) -> None:
     key = _demo_key(settings)
     if as_json:
-        _print_json({"ready": True, "gateway": settings.grpc_target("gateway"), "demo_key": key,
-                     "kafka": settings.bootstrap, "seconds": round(seconds, 1)})
+        _print_json(
+            {
+                "ready": True,
+                "gateway": settings.grpc_target("gateway"),
+                "demo_key": key,
+                "kafka": settings.bootstrap,
+                "seconds": round(seconds, 1),
+            }
+        )
         return
     print(
-        f"\nSluice is up in {seconds:.0f}s.  Gateway: {settings.grpc_target('gateway')}  Kafka: {settings.bootstrap}\n"
-        f"  Try:      .venv/bin/sluice generate \"Write a haiku about rivers\"\n"
+        f"\nSluice is up in {seconds:.0f}s.  Gateway: {settings.grpc_target('gateway')}"
+        f"  Kafka: {settings.bootstrap}\n"
+        f'  Try:      .venv/bin/sluice generate "Write a haiku about rivers"\n'
         f"  Audit:    .venv/bin/sluice audit trail <request_id>\n"
         f"  Usage:    .venv/bin/sluice usage\n"
         f"  grpcurl:  grpcurl -plaintext -H 'authorization: Bearer {key}' "
-        f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' "
+        f'-d \'{{"messages":[{{"role":"user","content":"hi"}}]}}\' '
         f"{settings.grpc_target('gateway')} sluice.v1.Gateway/Generate\n"
         f"  Logs:     {settings.state_dir / 'logs'}\n",
         flush=True,
@@ -196,7 +204,9 @@ def _finish_name(reason: events_pb2.FinishReason.ValueType) -> str | None:
 
 def cmd_audit_trail(settings: Settings, args: argparse.Namespace) -> int:
     with _channel(settings, "audit") as channel:
-        trail = audit_pb2_grpc.AuditStub(channel).GetTrail(audit_pb2.GetTrailRequest(request_id=args.request_id))
+        trail = audit_pb2_grpc.AuditStub(channel).GetTrail(
+            audit_pb2.GetTrailRequest(request_id=args.request_id)
+        )
     if args.json:
         _print_json(
             {
@@ -218,7 +228,9 @@ def cmd_audit_trail(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
     with _channel(settings, "metering") as channel:
-        usage = metering_pb2_grpc.MeteringStub(channel).GetUsage(metering_pb2.GetUsageRequest(tenant=args.tenant))
+        usage = metering_pb2_grpc.MeteringStub(channel).GetUsage(
+            metering_pb2.GetUsageRequest(tenant=args.tenant)
+        )
     if args.json:
         _print_json({"rows": [_as_dict(row) for row in usage.rows]})
     else:
@@ -245,8 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str,
-            into: Any = sub) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str, into: Any = sub
+    ) -> argparse.ArgumentParser:
         command: argparse.ArgumentParser = into.add_parser(name, help=help_)
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.set_defaults(handler=handler)
@@ -256,7 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "start the local stack in the foreground (Ctrl-C stops it)")
     add("down", cmd_down, "stop the local stack")
     add("status", cmd_status, "show what is running")
-    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(dest="topics_command", required=True)
+    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(
+        dest="topics_command", required=True
+    )
     add("apply", cmd_topics_apply, "create missing topics and report drift", into=topics)
     serve = add("serve", cmd_serve, "run one service in the foreground")
     serve.add_argument("service", choices=SERVICES)
@@ -269,7 +284,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--user", default="")
     gen.add_argument("--idempotency-key", default="")
     gen.add_argument("--api-key", default="", help="defaults to the local demo tenant's key")
-    audit = sub.add_parser("audit", help="query the audit trail").add_subparsers(dest="audit_command", required=True)
+    audit = sub.add_parser("audit", help="query the audit trail").add_subparsers(
+        dest="audit_command", required=True
+    )
     trail = add("trail", cmd_audit_trail, "show a request's hash-chained trail", into=audit)
     trail.add_argument("request_id")
     usage = add("usage", cmd_usage, "show usage and cost per tenant and model")

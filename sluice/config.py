@@ -131,9 +131,7 @@ class Settings(BaseSettings):
     def catalog(self) -> ModelCatalog:
         catalog = ModelCatalog.model_validate(_read_yaml(self.models_file, "SLUICE_MODELS_FILE"))
         if catalog.default_model not in catalog.models:
-            raise ConfigError(
-                f"SLUICE_MODELS_FILE: default_model {catalog.default_model!r} is not in models"
-            )
+            raise ConfigError(f"SLUICE_MODELS_FILE: default_model {catalog.default_model!r} is not in models")
         return catalog
 
 
@@ -153,8 +151,7 @@ def load_settings(**overrides: Any) -> Settings:
         _ = settings.catalog
     except ValidationError as exc:
         problems = "; ".join(
-            f"SLUICE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
+            f"SLUICE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(problems) from None
     return settings

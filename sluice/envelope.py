@@ -74,6 +74,5 @@ def validate(envelope: envelope_pb2.Envelope) -> None:
         raise ValueError("envelope.tenant is empty")
     if envelope.schema_version != SCHEMA_VERSION:
         raise ValueError(
-            f"envelope.schema_version {envelope.schema_version} is not supported "
-            f"(expected {SCHEMA_VERSION})"
+            f"envelope.schema_version {envelope.schema_version} is not supported (expected {SCHEMA_VERSION})"
         )

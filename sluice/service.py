@@ -162,9 +162,7 @@ async def serve(service: Service) -> None:
     log.info("stopped")
 
 
-async def _set_status(
-    servicer: health_aio.HealthServicer, names: Sequence[str], status: Any
-) -> None:
+async def _set_status(servicer: health_aio.HealthServicer, names: Sequence[str], status: Any) -> None:
     await servicer.set("", status)
     for name in names:
         await servicer.set(name, status)

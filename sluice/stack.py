@@ -7,6 +7,7 @@ under <state>/pids, so `sluice down` and `sluice status` work from any shell.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -166,7 +167,5 @@ class Stack:
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pid, sig)
-    except OSError:
-        pass

@@ -95,6 +95,4 @@ def stack(stack_settings: Settings) -> Iterator[Stack]:
 
 
 def service_logs(stack: Stack) -> dict[str, str]:
-    return {
-        path.stem: path.read_text(errors="replace") for path in Path(stack.log_dir).glob("*.log")
-    }
+    return {path.stem: path.read_text(errors="replace") for path in Path(stack.log_dir).glob("*.log")}

@@ -39,7 +39,9 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         records = self.store.trail(request.request_id)
         if not records:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no audit records for {request.request_id}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"request_id: no audit records for {request.request_id}"
+            )
         fault = chain.verify(records, self.store.by_seq)
         return audit_pb2.GetTrailResponse(records=records, chain_valid=fault is None, chain_error=fault or "")
 

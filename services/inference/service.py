@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import grpc
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.inference.llamacpp_engine import LlamaCppEngine

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from aiokafka import ConsumerRecord
 
 from services.metering.ledger import Ledger
@@ -98,7 +97,9 @@ class MeteringService(Service):
                 envelope=envelopes.follow(event.envelope, self.name),
                 charged=events_pb2.StreamCharged(cost=cost),
             )
-            outputs.append(Output(event.reply_to.topic, reply, event.envelope.request_id, event.reply_to.partition))
+            outputs.append(
+                Output(event.reply_to.topic, reply, event.envelope.request_id, event.reply_to.partition)
+            )
         return outputs
 
     async def record(

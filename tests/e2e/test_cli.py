@@ -35,7 +35,13 @@ def test_generate_audit_trail_and_usage_as_json(stack: Stack) -> None:
         if trail.returncode == 0 and len(json.loads(trail.stdout)["records"]) == 5:
             break
     body = json.loads(trail.stdout)
-    assert [r["stage"] for r in body["records"]] == ["received", "redacted", "assembled", "completed", "charged"]
+    assert [r["stage"] for r in body["records"]] == [
+        "received",
+        "redacted",
+        "assembled",
+        "completed",
+        "charged",
+    ]
     assert body["chain_valid"] is True
 
     usage = sluice(stack, "usage", "--json")

@@ -48,7 +48,8 @@ def ask(
     channel: grpc.Channel, key: str | None, text: str = "Write a haiku about rivers", **fields: object
 ) -> list[gateway_pb2.GenerateResponse]:
     request = gateway_pb2.GenerateRequest(
-        messages=[envelope_pb2.ChatMessage(role="user", content=text)], **fields  # type: ignore[arg-type]
+        messages=[envelope_pb2.ChatMessage(role="user", content=text)],
+        **fields,  # type: ignore[arg-type]
     )
     metadata = (("authorization", f"Bearer {key}"),) if key else ()
     return list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, metadata=metadata, timeout=180))
@@ -107,6 +108,7 @@ async def _all_values(bootstrap: str, topic: str, partitions: int) -> list[bytes
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         values: list[bytes] = []
+
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in tps])
 
@@ -161,7 +163,11 @@ def _metrics(stack: Stack, service: str) -> str:
     ("fields", "code", "field"),
     [
         ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
-        ({"messages": [envelope_pb2.ChatMessage(role="user", content="")]}, grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
+        (
+            {"messages": [envelope_pb2.ChatMessage(role="user", content="")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[0].content",
+        ),
         ({"model": "gpt-99-imaginary"}, grpc.StatusCode.NOT_FOUND, "model"),
         ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         ({"max_tokens": -3}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
@@ -174,8 +180,11 @@ def test_bad_requests_get_a_precise_status_naming_the_field(
     if "messages" not in fields:
         request.messages.append(envelope_pb2.ChatMessage(role="user", content="hello"))
     with pytest.raises(grpc.RpcError) as caught:
-        list(gateway_pb2_grpc.GatewayStub(channel).Generate(
-            request, metadata=(("authorization", f"Bearer {key}"),), timeout=30))
+        list(
+            gateway_pb2_grpc.GatewayStub(channel).Generate(
+                request, metadata=(("authorization", f"Bearer {key}"),), timeout=30
+            )
+        )
     assert caught.value.code() == code
     assert caught.value.details().startswith(field)
 
@@ -261,7 +270,11 @@ def test_kafka_producers_can_send_json_and_malformed_records_are_dead_lettered(
     assert response.chain_valid
     dlq = asyncio.run(_all_values(stack.settings.bootstrap, topics.DLQ, 1))
     letters = [events_pb2.DeadLetter.FromString(v.split(b"|", 1)[1]) for v in dlq]
-    reasons = [l.reason for l in letters if l.source_topic == topics.REQUESTS and l.consumer_group == "sluice-redaction"]
+    reasons = [
+        letter.reason
+        for letter in letters
+        if letter.source_topic == topics.REQUESTS and letter.consumer_group == "sluice-redaction"
+    ]
     assert any("not a valid sluice.v1.GenerationRequested" in r for r in reasons)
     assert any(r == "messages: at least one message is required" for r in reasons)
     # ... and the gateway path still works afterwards.

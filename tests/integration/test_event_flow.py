@@ -45,8 +45,12 @@ async def producer(topics_ready: str) -> AsyncIterator[AIOKafkaProducer]:
     await p.stop()
 
 
-async def read_new(bootstrap: str, topic: str, start: dict[int, int], want: int) -> list[ConsumerRecord[bytes, bytes]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+async def read_new(
+    bootstrap: str, topic: str, start: dict[int, int], want: int
+) -> list[ConsumerRecord[bytes, bytes]]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in start]
@@ -90,7 +94,9 @@ class Recorder:
         self.seen: list[tuple[str, int]] = []
         self.fail_on: set[str] = set()
 
-    async def __call__(self, event: events_pb2.RequestRedacted, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
+    async def __call__(
+        self, event: events_pb2.RequestRedacted, record: ConsumerRecord[bytes, bytes]
+    ) -> Sequence[Output]:
         if event.envelope.request_id in self.fail_on:
             raise RuntimeError("simulated dependency failure")
         self.seen.append((event.envelope.request_id, event.envelope.attempt))
@@ -99,8 +105,13 @@ class Recorder:
 
 async def run_consumer(bootstrap: str, producer: AIOKafkaProducer, handler: Recorder, until: int) -> None:
     consumer = EventConsumer(
-        service="test", group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topics.REDACTED],
-        handler=handler, codec=CODEC, bootstrap=bootstrap, producer=producer,
+        service="test",
+        group_id=f"test-{uuid.uuid4().hex[:8]}",
+        topics=[topics.REDACTED],
+        handler=handler,
+        codec=CODEC,
+        bootstrap=bootstrap,
+        producer=producer,
     )
     task = asyncio.create_task(consumer.run())
     try:
@@ -113,7 +124,9 @@ async def run_consumer(bootstrap: str, producer: AIOKafkaProducer, handler: Reco
         await task
 
 
-async def test_duplicates_are_dropped_and_new_attempts_are_not(producer: AIOKafkaProducer, topics_ready: str) -> None:
+async def test_duplicates_are_dropped_and_new_attempts_are_not(
+    producer: AIOKafkaProducer, topics_ready: str
+) -> None:
     request_id = uuid.uuid4().hex
     first = sample(topics.REDACTED, request_id)
     retry = sample(topics.REDACTED, request_id, attempt=2)
@@ -146,8 +159,13 @@ async def test_malformed_records_go_to_the_dlq_and_the_consumer_goes_on(
     await run_consumer(topics_ready, producer, handler, until=1)
     assert (good.envelope.request_id, 1) in handler.seen
 
-    letters = [events_pb2.DeadLetter.FromString(r.value) for r in await read_new(topics_ready, topics.DLQ, dlq_start, 3)]
-    reasons = {letter.source_offset: letter.reason for letter in letters if letter.source_topic == topics.REDACTED}
+    letters = [
+        events_pb2.DeadLetter.FromString(r.value)
+        for r in await read_new(topics_ready, topics.DLQ, dlq_start, 3)
+    ]
+    reasons = {
+        letter.source_offset: letter.reason for letter in letters if letter.source_topic == topics.REDACTED
+    }
     assert len(reasons) >= 3
     assert any("not a valid sluice.v1.RequestRedacted" in r for r in reasons.values())
     assert any("envelope.request_id is empty" in r for r in reasons.values())
@@ -157,4 +175,6 @@ async def test_malformed_records_go_to_the_dlq_and_the_consumer_goes_on(
     # The caller waiting on the failed request is told, on its own reply partition.
     replies = await read_new(topics_ready, topics.TOKENS, {3: tokens_start[3]}, 1)
     failed = [events_pb2.ReplyEvent.FromString(r.value) for r in replies]
-    assert any(e.envelope.request_id == failing.envelope.request_id and e.failed.code == "INTERNAL" for e in failed)
+    assert any(
+        e.envelope.request_id == failing.envelope.request_id and e.failed.code == "INTERNAL" for e in failed
+    )

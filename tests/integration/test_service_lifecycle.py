@@ -40,8 +40,12 @@ def test_broker_down_at_start_up_retries_with_backoff_then_stops_on_sigterm(tmp_
     log = tmp_path / "metering.log"
     proc = start(
         "metering",
-        {"kafka_bootstrap": f"127.0.0.1:{dead_port}", "state_dir": str(tmp_path), "metering_port": grpc_port,
-         "metrics_port_offset": offset_base - grpc_port if offset_base > grpc_port else 1},
+        {
+            "kafka_bootstrap": f"127.0.0.1:{dead_port}",
+            "state_dir": str(tmp_path),
+            "metering_port": grpc_port,
+            "metrics_port_offset": offset_base - grpc_port if offset_base > grpc_port else 1,
+        },
         log,
     )
     try:
@@ -65,8 +69,12 @@ def test_broker_down_at_start_up_retries_with_backoff_then_stops_on_sigterm(tmp_
 def test_sigterm_drains_and_exits_cleanly(topics_ready: str, tmp_path: Path) -> None:
     grpc_port, metrics = free_ports(2)
     log = tmp_path / "audit.log"
-    settings = {"kafka_bootstrap": topics_ready, "state_dir": str(tmp_path), "audit_port": grpc_port,
-                "metrics_port_offset": metrics - grpc_port if metrics > grpc_port else 1}
+    settings = {
+        "kafka_bootstrap": topics_ready,
+        "state_dir": str(tmp_path),
+        "audit_port": grpc_port,
+        "metrics_port_offset": metrics - grpc_port if metrics > grpc_port else 1,
+    }
     proc = start("audit", settings, log)
     try:
         stack = Stack(load_settings(**settings))  # type: ignore[arg-type]

@@ -19,8 +19,11 @@ def test_drift_is_reported_not_fixed(topics_ready: str, tmp_path: Path) -> None:
     plan["topics"]["sluice.dlq.v1"]["partitions"] = 5
     plan["topics"]["sluice.usage.v1"]["retention_ms"] = 1234
     plan["topics"]["sluice.test-new.v1"] = {
-        "partitions": 2, "key": "request_id", "value": "sluice.v1.DeadLetter",
-        "retention_ms": 60000, "cleanup_policy": "delete",
+        "partitions": 2,
+        "key": "request_id",
+        "value": "sluice.v1.DeadLetter",
+        "retention_ms": 60000,
+        "cleanup_policy": "delete",
     }
     changed = tmp_path / "topics.yaml"
     changed.write_text(yaml.safe_dump(plan))

@@ -8,7 +8,9 @@ from sluice.config import ConfigError, load_settings
 def test_defaults_match_the_architecture_brief(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLUICE_KAFKA_BOOTSTRAP", raising=False)
     settings = load_settings()
-    ports = [settings.grpc_port(s) for s in ("gateway", "redaction", "prompts", "inference", "metering", "audit")]
+    ports = [
+        settings.grpc_port(s) for s in ("gateway", "redaction", "prompts", "inference", "metering", "audit")
+    ]
     assert ports == [50051, 50052, 50053, 50054, 50055, 50056]
     assert settings.bootstrap == "127.0.0.1:9092"
     assert settings.catalog.resolve("") == "smollm2-135m-instruct"

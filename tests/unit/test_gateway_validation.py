@@ -26,8 +26,16 @@ def test_defaults_are_applied() -> None:
     ("fields", "code", "field"),
     [
         ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
-        ({"messages": [envelope_pb2.ChatMessage(role="user", content="  ")]}, grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
-        ({"messages": [envelope_pb2.ChatMessage(role="robot", content="x")]}, grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
+        (
+            {"messages": [envelope_pb2.ChatMessage(role="user", content="  ")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[0].content",
+        ),
+        (
+            {"messages": [envelope_pb2.ChatMessage(role="robot", content="x")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[0].role",
+        ),
         ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "model"),
         ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         ({"max_tokens": -5}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),

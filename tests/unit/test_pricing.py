@@ -9,7 +9,9 @@ from sluice.v1 import envelope_pb2
 
 
 def table(**rates: str) -> PriceTable:
-    return PriceTable(version="t1", currency="USD", models={"m": ModelPrice(**{k: Decimal(v) for k, v in rates.items()})})
+    return PriceTable(
+        version="t1", currency="USD", models={"m": ModelPrice(**{k: Decimal(v) for k, v in rates.items()})}
+    )
 
 
 def test_prices_input_output_and_cached_tokens_exactly() -> None:
@@ -39,7 +41,9 @@ def test_unknown_model_is_an_error_not_a_free_request() -> None:
         table(input_per_mtok="1", output_per_mtok="1").price("nope", envelope_pb2.Usage(prompt_tokens=1))
 
 
-@pytest.mark.parametrize(("nanos", "text"), [(0, "0"), (1, "0.000000001"), (4_200, "0.0000042"), (2_500_000_000, "2.5")])
+@pytest.mark.parametrize(
+    ("nanos", "text"), [(0, "0"), (1, "0.000000001"), (4_200, "0.0000042"), (2_500_000_000, "2.5")]
+)
 def test_format_amount(nanos: int, text: str) -> None:
     assert format_amount(nanos) == text
 
@@ -47,7 +51,9 @@ def test_format_amount(nanos: int, text: str) -> None:
 def test_default_price_table_prices_the_default_model() -> None:
     settings = load_settings()
     prices = PriceTable.load(settings.prices_file)
-    cost = prices.price(settings.catalog.default_model, envelope_pb2.Usage(prompt_tokens=50, completion_tokens=50))
+    cost = prices.price(
+        settings.catalog.default_model, envelope_pb2.Usage(prompt_tokens=50, completion_tokens=50)
+    )
     assert cost.nanos > 0
 
 
