@@ -167,12 +167,23 @@ def _load_nlp_engine() -> SpacyNlpEngine:
 
 
 def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
-    """Keep non-overlapping spans, preferring higher score, then longer span."""
-    chosen: list[_Span] = []
-    for span in sorted(spans, key=lambda s: (-s.score, s.start - s.end, s.start)):
-        if all(span.end <= c.start or span.start >= c.end for c in chosen):
-            chosen.append(span)
-    return sorted(chosen, key=lambda s: s.start)
+    """Merge overlapping findings into one span covering all of them.
+
+    Keeping only the best of two overlapping findings would leave the rest of the
+    longer one in clear text; the merged span takes the type of the best finding
+    (highest score, then longest).
+    """
+    merged: list[list[_Span]] = []
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if merged and span.start < max(s.end for s in merged[-1]):
+            merged[-1].append(span)
+        else:
+            merged.append([span])
+    out: list[_Span] = []
+    for group in merged:
+        best = min(group, key=lambda s: (-s.score, s.start - s.end))
+        out.append(_Span(min(s.start for s in group), max(s.end for s in group), best.entity_type, best.score))
+    return out
 
 
 class Redactor:

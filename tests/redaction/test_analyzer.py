@@ -196,18 +196,18 @@ def test_presidio_log_arguments_are_never_rendered(
     assert messages == ["Failed to validate text %s"]
 
 
-def test_overlaps_prefer_higher_score_then_longer_span() -> None:
+def test_overlapping_findings_merge_so_no_part_stays_in_clear() -> None:
     spans = [
         _Span(0, 10, "PERSON", 0.85),
         _Span(5, 20, "EMAIL_ADDRESS", 1.0),
         _Span(20, 25, "LOCATION", 0.85),
-        _Span(21, 30, "US_BANK_NUMBER", 0.85),
+        _Span(21, 30, "US_BANK_NUMBER", 0.9),
         _Span(30, 34, "PHONE_NUMBER", 0.4),
     ]
     assert _resolve_overlaps(spans) == [
-        _Span(5, 20, "EMAIL_ADDRESS", 1.0),
-        _Span(21, 30, "US_BANK_NUMBER", 0.85),
-        _Span(30, 34, "PHONE_NUMBER", 0.4),
+        _Span(0, 20, "EMAIL_ADDRESS", 1.0),  # the PERSON part before the email is covered too
+        _Span(20, 30, "US_BANK_NUMBER", 0.9),
+        _Span(30, 34, "PHONE_NUMBER", 0.4),  # touching is not overlapping
     ]
 
 
