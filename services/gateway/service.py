@@ -123,36 +123,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: Context,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         finished: events_pb2.StreamFinished | None = None
-        while True:
+        cost: envelope_pb2.Cost | None = None
+        next_seq = 0
+        while finished is None or cost is None:
             timeout = self.settings.gateway_cost_wait_s if finished else self.settings.gateway_reply_timeout_s
             try:
                 event = await asyncio.wait_for(queue.get(), timeout)
             except TimeoutError:
                 if finished is not None:
                     log.warning("no charge arrived in time; ending stream without cost")
-                    yield gateway_pb2.GenerateResponse(
-                        request_id=request_id, finish_reason=finished.finish_reason, usage=finished.usage
-                    )
-                    return
+                    break
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply from the pipeline in time")
             kind = event.WhichOneof("body")
             if kind == "chunk":
-                if event.chunk.delta:
-                    yield gateway_pb2.GenerateResponse(request_id=request_id, delta=event.chunk.delta)
+                # A re-run attempt restarts at seq 0: never show the caller a chunk twice.
+                if event.chunk.seq >= next_seq:
+                    next_seq = event.chunk.seq + 1
+                    if event.chunk.delta:
+                        yield gateway_pb2.GenerateResponse(request_id=request_id, delta=event.chunk.delta)
             elif kind == "finished":
                 finished = event.finished
-            elif kind == "charged" and finished is not None:
-                yield gateway_pb2.GenerateResponse(
-                    request_id=request_id,
-                    finish_reason=finished.finish_reason,
-                    usage=finished.usage,
-                    cost=event.charged.cost,
-                )
-                return
+            elif kind == "charged":
+                cost = event.charged.cost  # may overtake `finished`: both come from different services
             elif kind == "failed":
                 code = getattr(grpc.StatusCode, event.failed.code, grpc.StatusCode.INTERNAL)
                 log.warning("request failed downstream", stage=event.failed.stage, code=event.failed.code)
                 await context.abort(code, event.failed.message)
+        assert finished is not None
+        yield gateway_pb2.GenerateResponse(
+            request_id=request_id, finish_reason=finished.finish_reason, usage=finished.usage, cost=cost
+        )
 
     def _remember(self, request_id: str, responses: list[gateway_pb2.GenerateResponse]) -> None:
         if responses and responses[-1].finish_reason:
