@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SLUICE := $(VENV)/bin/sluice
 STAMP := $(VENV)/.installed
 
-.PHONY: help prereqs install kafka-jars protos lint test run up down status bench clean
+.PHONY: help prereqs install kafka-jars protos lint test run up down status clean
 
 help:
 	@echo "make run     build what is missing, start the whole stack in the foreground"

@@ -80,6 +80,39 @@ async def start_producer(
     return await with_backoff("producer", service, start)
 
 
+async def start_partition_reader(
+    bootstrap: str, service: str, client_id: str, tp: TopicPartition, offset: int | None = None
+) -> AIOKafkaConsumer:
+    """A group-less, read-committed reader of one partition, from `offset` or else the end.
+
+    For readers that own their position (a gateway's reply partition, the audit
+    indexer), so group rebalances and committed offsets would only get in the way.
+    """
+
+    async def start() -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=10,
+        )
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            if offset is None:
+                await consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, offset)
+            await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    return await with_backoff(client_id, service, start)
+
+
 @dataclass(frozen=True)
 class Output:
     """One record a handler wants produced before its input is committed."""

@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
+from services.prompts.chat_template import ChatTemplate
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
+from sluice.models import smollm2_gguf_path
 from sluice.stack import Stack
 
 
@@ -96,3 +99,23 @@ def stack(stack_settings: Settings) -> Iterator[Stack]:
 
 def service_logs(stack: Stack) -> dict[str, str]:
     return {path.stem: path.read_text(errors="replace") for path in Path(stack.log_dir).glob("*.log")}
+
+
+# The real default model, shared by the inference and prompts tests.
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def template(model_path: Path) -> Iterator[ChatTemplate]:
+    t = ChatTemplate(model_path)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def vocab_llm(model_path: Path) -> Iterator[llama_cpp.Llama]:
+    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()

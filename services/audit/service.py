@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import Sequence
 
 import grpc
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from services.audit import chain
 from services.audit.records import STAGES, audit_record
 from services.audit.store import AuditStore
 from sluice.config import Settings
-from sluice.kafka import EventConsumer, Output, with_backoff
+from sluice.kafka import EventConsumer, Output, start_partition_reader
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import AUDIT
@@ -55,7 +55,9 @@ class Indexer:
         self.caught_up = asyncio.Event()
 
     async def run(self) -> None:
-        consumer = await with_backoff("audit indexer", "audit", self._start)
+        consumer = await start_partition_reader(
+            self.bootstrap, "audit", "sluice-audit-indexer", AUDIT_PARTITION, self.store.next_offset()
+        )
         try:
             end = (await consumer.end_offsets([AUDIT_PARTITION]))[AUDIT_PARTITION]
             while True:
@@ -66,22 +68,6 @@ class Indexer:
                     self.caught_up.set()
         finally:
             await consumer.stop()
-
-    async def _start(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            client_id="sluice-audit-indexer",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-        try:
-            await consumer.start()
-            consumer.assign([AUDIT_PARTITION])
-            consumer.seek(AUDIT_PARTITION, self.store.next_offset())
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
 
 
 class AuditService(Service):

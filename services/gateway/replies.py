@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import with_backoff
+from sluice.kafka import start_partition_reader
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
@@ -39,7 +39,10 @@ class ReplyRouter:
         return request_id in self._waiting
 
     async def run(self) -> None:
-        consumer = await with_backoff("reply reader", "gateway", self._start)
+        tp = TopicPartition(TOKENS, self.partition)
+        consumer = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
+        self.ready.set()
+        log.info("reading replies", topic=TOKENS, partition=self.partition)
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=500)
@@ -48,27 +51,6 @@ class ReplyRouter:
                         self._dispatch(record.value)
         finally:
             await consumer.stop()
-
-    async def _start(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            client_id="sluice-gateway-replies",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            fetch_max_wait_ms=10,
-        )
-        try:
-            await consumer.start()
-            tp = TopicPartition(TOKENS, self.partition)
-            consumer.assign([tp])
-            await consumer.seek_to_end(tp)
-            await consumer.position(tp)
-        except BaseException:
-            await consumer.stop()
-            raise
-        self.ready.set()
-        log.info("reading replies", topic=TOKENS, partition=self.partition)
-        return consumer
 
     def _dispatch(self, value: bytes | None) -> None:
         event = events_pb2.ReplyEvent()

@@ -182,7 +182,9 @@ def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
     out: list[_Span] = []
     for group in merged:
         best = min(group, key=lambda s: (-s.score, s.start - s.end))
-        out.append(_Span(min(s.start for s in group), max(s.end for s in group), best.entity_type, best.score))
+        out.append(
+            _Span(min(s.start for s in group), max(s.end for s in group), best.entity_type, best.score)
+        )
     return out
 
 

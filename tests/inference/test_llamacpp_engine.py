@@ -23,7 +23,7 @@ from services.inference.llamacpp_engine import (
     _StopMatcher,
 )
 from services.prompts.chat_template import ChatTemplate
-from sluice.models import DEFAULT_MODEL_SPEC, resolve_model_path, smollm2_gguf_path
+from sluice.models import DEFAULT_MODEL_SPEC, resolve_model_path
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,29 +31,10 @@ N_CTX = 512
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    return smollm2_gguf_path()
-
-
-@pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[LlamaCppEngine]:
     eng = LlamaCppEngine(model_path, n_ctx=N_CTX, slots=2, seed=1234)
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def template(model_path: Path) -> Iterator[ChatTemplate]:
-    t = ChatTemplate(model_path)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def vocab_llm(model_path: Path) -> Iterator[llama_cpp.Llama]:
-    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
 
 
 async def _collect(

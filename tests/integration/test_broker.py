@@ -7,10 +7,8 @@ developer's long-lived broker on 9092.
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -18,23 +16,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from sluice.broker import BrokerError, LocalBroker, port_in_use
+from tests.conftest import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_ports(count: int) -> list[int]:
-    """Hold all sockets open while picking, so the ports are distinct."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
 def _new_broker(state_dir: Path) -> LocalBroker:
-    port, controller_port = _free_ports(2)
+    port, controller_port = free_ports(2)
     return LocalBroker(REPO_ROOT, state_dir, port=port, controller_port=controller_port)
 
 
@@ -201,7 +189,7 @@ def test_start_refuses_a_busy_port(broker: LocalBroker, tmp_path: Path) -> None:
         REPO_ROOT,
         tmp_path / "other",
         port=broker.port,
-        controller_port=_free_ports(1)[0],
+        controller_port=free_ports(1)[0],
     )
     with pytest.raises(BrokerError, match="already in use"):
         other.start()

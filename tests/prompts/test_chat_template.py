@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
 import pytest
 
 from services.prompts.chat_template import ChatTemplate, ChatTemplateError
-from sluice.models import smollm2_gguf_path
 
 DEFAULT_SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 )
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return smollm2_gguf_path()
-
-
-@pytest.fixture(scope="module")
-def template(model_path: Path) -> Iterator[ChatTemplate]:
-    t = ChatTemplate(model_path)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def vocab_llm(model_path: Path) -> Iterator[llama_cpp.Llama]:
-    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
 
 
 def test_template_comes_from_gguf_metadata(template: ChatTemplate, vocab_llm: llama_cpp.Llama) -> None:
