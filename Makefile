@@ -62,3 +62,10 @@ status: $(STAMP)
 
 clean: down
 	rm -rf .sluice
+
+# Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
+# above this line and appends it to BENCHES; `make bench` runs them all.
+BENCHES ?=
+.PHONY: bench
+bench: $(BENCHES)
+	@test -n "$(BENCHES)" || { echo "no benchmarks yet"; exit 1; }

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -30,15 +31,15 @@ from sluice.v1 import (
 )
 
 
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     print(json.dumps(obj, sort_keys=True), flush=True)
 
 
-def _as_dict(message: Message) -> dict[str, Any]:
+def as_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _demo_key(settings: Settings) -> str:
+def demo_key(settings: Settings) -> str:
     from services.gateway.auth import demo_key_file
 
     path = demo_key_file(settings.state_dir)
@@ -84,9 +85,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _announce(settings: Settings, seconds: float, as_json: bool) -> None:
-    key = _demo_key(settings)
+    key = demo_key(settings)
     if as_json:
-        _print_json(
+        print_json(
             {
                 "ready": True,
                 "gateway": settings.grpc_target("gateway"),
@@ -113,7 +114,7 @@ def _announce(settings: Settings, seconds: float, as_json: bool) -> None:
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     Stack(settings).down()
     if args.json:
-        _print_json({"stopped": True})
+        print_json({"stopped": True})
     else:
         print("Sluice stopped.")
     return 0
@@ -122,7 +123,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     rows = Stack(settings).status()
     if args.json:
-        _print_json(rows)
+        print_json(rows)
     else:
         for name, state in rows.items():
             print(f"{name:<10} {state}")
@@ -132,7 +133,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_topics_apply(settings: Settings, args: argparse.Namespace) -> int:
     report = Stack(settings).apply_topics()
     if args.json:
-        _print_json({"created": report.created, "unchanged": report.unchanged, "drift": report.drift})
+        print_json({"created": report.created, "unchanged": report.unchanged, "drift": report.drift})
     else:
         for name in report.created:
             print(f"created   {name}")
@@ -151,7 +152,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(settings: Settings, service: Any) -> grpc.Channel:
+def grpc_channel(settings: Settings, service: Any) -> grpc.Channel:
     return grpc.insecure_channel(settings.grpc_target(service))
 
 
@@ -168,19 +169,19 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         request.max_tokens = args.max_tokens
     if args.temperature is not None:
         request.temperature = args.temperature
-    metadata = (("authorization", f"Bearer {args.api_key or _demo_key(settings)}"),)
+    metadata = (("authorization", f"Bearer {args.api_key or demo_key(settings)}"),)
     last = gateway_pb2.GenerateResponse()
-    with _channel(settings, "gateway") as channel:
+    with grpc_channel(settings, "gateway") as channel:
         for event in gateway_pb2_grpc.GatewayStub(channel).Generate(request, metadata=metadata):
             last = event
             if args.json:
-                _print_json(
+                print_json(
                     {
                         "request_id": event.request_id,
                         "delta": event.delta,
                         "finish_reason": _finish_name(event.finish_reason),
-                        "usage": _as_dict(event.usage) if event.HasField("usage") else None,
-                        "cost": _as_dict(event.cost) if event.HasField("cost") else None,
+                        "usage": as_dict(event.usage) if event.HasField("usage") else None,
+                        "cost": as_dict(event.cost) if event.HasField("cost") else None,
                     }
                 )
             elif event.delta:
@@ -203,17 +204,17 @@ def _finish_name(reason: events_pb2.FinishReason.ValueType) -> str | None:
 
 
 def cmd_audit_trail(settings: Settings, args: argparse.Namespace) -> int:
-    with _channel(settings, "audit") as channel:
+    with grpc_channel(settings, "audit") as channel:
         trail = audit_pb2_grpc.AuditStub(channel).GetTrail(
             audit_pb2.GetTrailRequest(request_id=args.request_id)
         )
     if args.json:
-        _print_json(
+        print_json(
             {
                 "request_id": args.request_id,
                 "chain_valid": trail.chain_valid,
                 "chain_error": trail.chain_error or None,
-                "records": [_as_dict(r) for r in trail.records],
+                "records": [as_dict(r) for r in trail.records],
             }
         )
     else:
@@ -227,12 +228,12 @@ def cmd_audit_trail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
-    with _channel(settings, "metering") as channel:
+    with grpc_channel(settings, "metering") as channel:
         usage = metering_pb2_grpc.MeteringStub(channel).GetUsage(
             metering_pb2.GetUsageRequest(tenant=args.tenant)
         )
     if args.json:
-        _print_json({"rows": [_as_dict(row) for row in usage.rows]})
+        print_json({"rows": [as_dict(row) for row in usage.rows]})
     else:
         print(f"{'tenant':<12} {'model':<24} {'requests':>8} {'prompt':>8} {'output':>8}  cost")
         for row in usage.rows:
@@ -244,35 +245,53 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_keys_demo(settings: Settings, args: argparse.Namespace) -> int:
-    key = _demo_key(settings)
+    key = demo_key(settings)
     if args.json:
-        _print_json({"tenant": "demo", "api_key": key})
+        print_json({"tenant": "demo", "api_key": key})
     else:
         print(key)
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluice", description="Event-driven LLM serving on Kafka.")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    sub = parser.add_subparsers(dest="command", required=True)
+@dataclass(frozen=True)
+class Commands:
+    """Registers sub-commands; each area of the CLI adds its own through `register(commands)`."""
+
+    sub: Any
 
     def add(
-        name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str, into: Any = sub
+        self, name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str, into: Any = None
     ) -> argparse.ArgumentParser:
-        command: argparse.ArgumentParser = into.add_parser(name, help=help_)
+        command: argparse.ArgumentParser = (into or self.sub).add_parser(name, help=help_)
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.set_defaults(handler=handler)
         return command
+
+    def group(self, name: str, help_: str) -> Any:
+        """A command with sub-commands, e.g. `sluice audit trail`."""
+        return self.sub.add_parser(name, help=help_).add_subparsers(dest=f"{name}_command", required=True)
+
+
+# Modules with a `register(commands: Commands) -> None`, one per area of the CLI.
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Event-driven LLM serving on Kafka.")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    commands = Commands(parser.add_subparsers(dest="command", required=True))
+    add = commands.add
 
     add("up", cmd_up, "start the local stack in the background")
     add("run", cmd_run, "start the local stack in the foreground (Ctrl-C stops it)")
     add("down", cmd_down, "stop the local stack")
     add("status", cmd_status, "show what is running")
-    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(
-        dest="topics_command", required=True
+    add(
+        "apply",
+        cmd_topics_apply,
+        "create missing topics and report drift",
+        into=commands.group("topics", "manage Kafka topics"),
     )
-    add("apply", cmd_topics_apply, "create missing topics and report drift", into=topics)
     serve = add("serve", cmd_serve, "run one service in the foreground")
     serve.add_argument("service", choices=SERVICES)
     gen = add("generate", cmd_generate, "stream an answer from the gateway")
@@ -284,15 +303,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--user", default="")
     gen.add_argument("--idempotency-key", default="")
     gen.add_argument("--api-key", default="", help="defaults to the local demo tenant's key")
-    audit = sub.add_parser("audit", help="query the audit trail").add_subparsers(
-        dest="audit_command", required=True
-    )
+    audit = commands.group("audit", "query the audit trail")
     trail = add("trail", cmd_audit_trail, "show a request's hash-chained trail", into=audit)
     trail.add_argument("request_id")
     usage = add("usage", cmd_usage, "show usage and cost per tenant and model")
     usage.add_argument("--tenant", default="")
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    add("demo", cmd_keys_demo, "print the local demo tenant's API key", into=keys)
+    add(
+        "demo",
+        cmd_keys_demo,
+        "print the local demo tenant's API key",
+        into=commands.group("keys", "API keys"),
+    )
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(commands)
     return parser
 
 
