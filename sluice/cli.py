@@ -81,6 +81,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         print("Stopping Sluice...", flush=True)
         stack.down()
+        print("Sluice stopped.", flush=True)
     return 0
 
 
