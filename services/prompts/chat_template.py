@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +42,37 @@ Message = tuple[str, str] | Mapping[str, str]
 Messages = Sequence[tuple[str, str]] | Sequence[Mapping[str, str]]
 
 GGUF_TEMPLATE_KEY: Final = "tokenizer.chat_template"
+# Where a new pre-tokenizer word must start, so tokens never cross: before a newline
+# that follows a non-space (content-defined, so a document's lines cache wherever they
+# sit), and inside long lines before ' <letter>' after a non-space, every 2,048+ chars
+# (each piece costs llama.cpp ~0.1 ms on its own, so pieces stay few).
+_PIECES: Final = re.compile(r".{2048}.*?(?:(?<=\S)(?= [^\W\d_])|\Z)|.+", re.S)
+_LONG_LINE: Final = 4096
+PIECE_CACHE_SIZE: Final = 65536
+# Joins uncached pieces into one llama.cpp call (each call costs ~0.2 ms before any
+# text): text between special tokens is tokenized independently, so splitting the
+# result at this token gives each piece's own tokens.
+_SEPARATOR: Final = "<|endoftext|>"
+
+
+def _lines(text: str) -> Iterator[str]:
+    """Cut before each newline that follows a non-space (str.find: a regex here costs 0.5 ms)."""
+    start = 0
+    at = text.find("\n", 1)
+    while at != -1:
+        if not text[at - 1].isspace():
+            yield text[start:at]
+            start = at
+        at = text.find("\n", at + 1)
+    yield text[start:]
+
+
+def _pieces(text: str) -> Iterator[str]:
+    for line in _lines(text):
+        if len(line) > _LONG_LINE:
+            yield from _PIECES.findall(line)
+        elif line:
+            yield line
 
 
 class ChatTemplateError(ValueError):
@@ -147,6 +180,11 @@ class ChatTemplate:
             raise ChatTemplateError("model has no vocabulary")
         bos_id = int(llama_cpp.llama_vocab_bos(vocab))
         eos_id = int(llama_cpp.llama_vocab_eos(vocab))
+        self._bos_id: Final = bos_id
+        self._add_bos: Final = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and bos_id >= 0
+        self._piece_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        separator = self._llm.tokenize(_SEPARATOR.encode(), add_bos=False, special=True)
+        self._separator: Final = separator[0] if len(separator) == 1 else None
         self.bos_token: Final[str] = self._token_text(vocab, bos_id)
         self.eos_token: Final[str] = self._token_text(vocab, eos_id)
         try:
@@ -190,7 +228,61 @@ class ChatTemplate:
         return tokenize_prompt(self._llm, prompt)
 
     def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenize(prompt))
+        """``len(tokenize(prompt))``, from memoized pieces of the prompt.
+
+        llama.cpp cuts the text at special tokens, then its pre-tokenizer cuts
+        words, and BPE merges never cross either cut. A newline after a
+        non-space, and a space after a non-space before a letter, always start
+        a new word, so tokenizing the pieces between such points and adding up
+        gives the same count (checked against the whole-prompt tokenizer in the
+        tests). A recurring 1,500-token context document then costs look-ups,
+        not a fresh ~7 ms tokenization.
+        """
+        pieces = list(_pieces(prompt))
+        cache = self._piece_cache
+        missing = [p for p in dict.fromkeys(pieces) if p not in cache]
+        if missing:
+            self._tokenize_pieces(missing)
+        first: int | None = None
+        total = 0
+        for piece in pieces:
+            tokens = cache[piece]
+            cache.move_to_end(piece)
+            if first is None and tokens:
+                first = tokens[0]
+            total += len(tokens)
+        while len(cache) > PIECE_CACHE_SIZE:
+            cache.popitem(last=False)
+        if self._add_bos and first != self._bos_id:
+            total += 1
+        return total
+
+    def _tokenize_pieces(self, pieces: Sequence[str]) -> None:
+        if self._separator is not None and len(pieces) > 1 and not any(_SEPARATOR in p for p in pieces):
+            joined = _SEPARATOR.join(pieces).encode("utf-8")
+            tokens = self._llm.tokenize(joined, add_bos=False, special=True)
+            parts: list[list[int]] = [[]]
+            for token in tokens:
+                if token == self._separator:
+                    parts.append([])
+                else:
+                    parts[-1].append(token)
+            if len(parts) == len(pieces):
+                self._piece_cache.update(zip(pieces, map(tuple, parts), strict=True))
+                return
+        for piece in pieces:
+            self._piece_cache[piece] = tuple(
+                self._llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+            )
+
+    def text_tokens(self, text: str) -> list[int]:
+        """Tokens of plain text inside a prompt (no BOS, special-token text left literal)."""
+        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return tokens
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of `tokens`; a cut inside a multi-byte character is dropped, not mangled."""
+        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="ignore")
 
     def close(self) -> None:
         self._llm.close()
