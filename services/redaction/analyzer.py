@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import spacy
@@ -18,17 +19,28 @@ import tldextract
 from presidio_analyzer import (
     AnalyzerEngine,
     BatchAnalyzerEngine,
+    Pattern,
+    PatternRecognizer,
     RecognizerRegistry,
     RecognizerResult,
 )
-from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
-from presidio_analyzer.predefined_recognizers import EmailRecognizer
-from spacy.language import Language
+from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    PhoneRecognizer,
+    UsSsnRecognizer,
+)
 from spacy.tokens import Doc
 
 __all__ = [
     "DEFAULT_ENTITIES",
+    "SECRET_ENTITIES",
     "SPACY_MODEL",
+    "DeadlineExceeded",
+    "Finding",
+    "Job",
     "RedactionError",
     "RedactionResult",
     "Redactor",
@@ -49,7 +61,93 @@ DEFAULT_ENTITIES: tuple[str, ...] = (
     "IP_ADDRESS",
     "IBAN_CODE",
     "US_BANK_NUMBER",
+    "API_KEY",
+    "AWS_ACCESS_KEY",
+    "BEARER_TOKEN",
+    "JWT",
+    "PRIVATE_KEY",
 )
+
+# Credentials Presidio has no recognizer for. Scores are high: these shapes
+# are specific, and a leaked key costs more than an over-redacted word.
+_SECRET_PATTERNS: dict[str, list[Pattern]] = {
+    "AWS_ACCESS_KEY": [Pattern("aws access key id", r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b", 0.95)],
+    "API_KEY": [
+        Pattern("sk- key", r"\bsk-[A-Za-z0-9_-]{16,}", 0.9),
+        Pattern("github token", r"\bgh[pousr]_[A-Za-z0-9]{30,}\b", 0.9),
+        Pattern("slack token", r"\bxox[abprs]-[A-Za-z0-9-]{10,}", 0.9),
+    ],
+    "JWT": [Pattern("jwt", r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", 0.95)],
+    # Variable-width look-behind: Presidio matches with the `regex` module.
+    "BEARER_TOKEN": [Pattern("bearer token", r"(?<=\bbearer\s{1,4})[A-Za-z0-9._~+/-]{12,}=*", 0.9)],
+    # An unterminated block (a stream cut short) is still a key.
+    "PRIVATE_KEY": [
+        Pattern(
+            "private key block",
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)",
+            0.99,
+        ),
+        # Key material without its header: a model may echo a key's body or its
+        # tail alone. Long base64 runs mixing cases and digits, as in PEM lines.
+        Pattern(
+            "base64 key material",
+            r"(?<![A-Za-z0-9+/])(?=[A-Za-z0-9+/]{0,80}[a-z])(?=[A-Za-z0-9+/]{0,80}[A-Z])"
+            r"(?=[A-Za-z0-9+/]{0,80}\d)[A-Za-z0-9+/]{40,}={0,2}",
+            0.5,
+        ),
+    ],
+}
+SECRET_ENTITIES: tuple[str, ...] = tuple(_SECRET_PATTERNS)
+
+# "My name is Jane Roe", "Dear Dr. Sven Olsen": phrases that introduce a name,
+# for the names spaCy small does not know (it misses many non-English names).
+_NAME_INTRO = (
+    r"(?:(?<=\b(?:[Mm]y name is|I am|I'm|[Dd]ear|[Ss]igned by|[Cc]ontact|[Aa]sk|[Tt]ell|"
+    r"[Ff]orward (?:it|this) to|[Ss]poke with|[Mm]et|[Mm]r\.|[Mm]rs\.|[Mm]s\.|[Dd]r\.|[Pp]rof\.) )"
+    r"(?-i:[A-Z][a-z\u00e0-\u00ff'\-]+(?: [A-Z][a-z\u00e0-\u00ff'\-]+){1,2}))"
+)
+_NAME_PATTERNS = [Pattern("introduced name", _NAME_INTRO, 0.9)]  # beats an NER guess of another type
+
+# Regions tried for numbers without a country code. Each one is a full
+# phonenumbers pass and Presidio's default eight made phone matching half of the
+# analysis time (profiled); numbers written with +CC are found whatever the list.
+_PHONE_REGIONS = ("US", "GB")
+# POSSIBLE rather than VALID: drama and test ranges (555, 01632) and "+44 (0)"
+# forms are still someone's number as far as a privacy boundary is concerned.
+_PHONE_LENIENCY = 0
+_PHONE_MIN_DIGITS = 7
+
+# Presidio's card pattern predates Mastercard's 2-series (2221-2720); Luhn still applies.
+_CARD_PATTERNS = [
+    *CreditCardRecognizer.PATTERNS,
+    Pattern(
+        "mastercard 2-series",
+        r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b",
+        0.3,
+    ),
+]
+
+# Detector families: where findings of both overlap, the specific one names the span.
+_NER_TYPES = frozenset({"PERSON", "LOCATION", "NRP", "DATE_TIME", "ORGANIZATION"})
+_LOOSE_TYPES = frozenset({"PHONE_NUMBER", "US_BANK_NUMBER"})  # lenient digit-run matchers
+
+
+def _specificity(entity_type: str) -> int:
+    return 2 if entity_type in _NER_TYPES else 1 if entity_type in _LOOSE_TYPES else 0
+
+
+# Placeholders we (or a caller) already wrote, e.g. <PERSON_1>: never re-detect
+# parts of them, in input or model output.
+PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z_]*(?:_\d+|:[0-9a-f]{12})?>")
+
+# Long texts are analyzed in overlapping windows: the deadline is checked
+# between windows, and spaCy's cost stays linear in the length.
+_WINDOW = 2000
+_OVERLAP = 200
+# One spaCy batch holds at most this much text; a window of a long text goes
+# alone, so the deadline is checked at least every _WINDOW characters (hostile
+# text costs up to ~0.5 s per window: profiled on digit runs and nested brackets).
+_STEP_CHARS = 48_000
 
 # Only the NER pipe feeds Presidio (it has its own embedded tok2vec); the other
 # pipes roughly double the per-call cost for no detection benefit.
@@ -116,6 +214,10 @@ class RedactionError(RuntimeError):
     """Redaction could not be guaranteed; the caller must not forward the text."""
 
 
+class DeadlineExceeded(RedactionError):
+    """Analysis did not finish within its deadline."""
+
+
 @dataclass(frozen=True)
 class RedactionResult:
     """Redacted texts (same order as the input) and distinct placeholders per type."""
@@ -125,11 +227,49 @@ class RedactionResult:
 
 
 @dataclass(frozen=True)
-class _Span:
+class Job:
+    """One request's texts and what its policy asks for."""
+
+    texts: list[str]
+    entities: tuple[str, ...]
+    thresholds: dict[str, float]
+    allow: tuple[str, ...] = ()
+    deny: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Where an entity is in its text (code points) and how sure; never its value."""
+
     start: int
     end: int
     entity_type: str
     score: float
+
+
+_Span = Finding
+
+
+class _PhoneRecognizer(PhoneRecognizer):
+    """Lenient matching, minus what is too short to be a phone number (order ids, versions)."""
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None) -> list[RecognizerResult]:
+        results: list[RecognizerResult] = super().analyze(text, entities, nlp_artifacts)  # type: ignore[arg-type]
+        return [r for r in results if sum(c.isdigit() for c in text[r.start : r.end]) >= _PHONE_MIN_DIGITS]
+
+
+class _AnySsnShapeRecognizer(UsSsnRecognizer):
+    """Also redacts the published sample SSNs (078-05-1120, 123-45-6789).
+
+    Presidio skips them as examples; a boundary cannot tell an example from a
+    real number typed by someone, so only structurally impossible ones are skipped.
+    """
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        digits = "".join(c for c in pattern_text if c.isdigit())
+        if digits in ("123456789", "078051120"):
+            return False
+        return bool(super().invalidate_result(pattern_text))
 
 
 class _OfflineEmailRecognizer(EmailRecognizer):
@@ -139,24 +279,26 @@ class _OfflineEmailRecognizer(EmailRecognizer):
         return _OFFLINE_TLD_EXTRACT(pattern_text).fqdn != ""
 
 
-@Language.component("sluice_lowercase_lemma")
-def _lowercase_lemma(doc: Doc) -> Doc:
-    """Stand in for the excluded lemmatizer.
+class _LowercaseLemmaEngine(SpacyNlpEngine):
+    """Stands in lower-case forms for the excluded lemmatizer's lemmas.
 
     Presidio's context enhancer (e.g. "ssn", "account" near a number) reads
-    token lemmas and matches its context words as substrings, so the lowercase
-    form keeps that working at a fraction of the tagger+lemmatizer cost.
+    token lemmas and matches its context words as substrings, so the lower-case
+    form keeps that working without the tagger + lemmatizer (profiled: they
+    cost as much as NER itself).
     """
-    for token in doc:
-        token.lemma = token.lower
-    return doc
+
+    def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
+        artifacts = super()._doc_to_nlp_artifact(doc, language)
+        artifacts.lemmas = [token.lower_ for token in doc]
+        artifacts.keywords = artifacts.set_keywords(self, artifacts.lemmas, language)
+        return artifacts
 
 
-def _load_nlp_engine() -> SpacyNlpEngine:
+def _load_nlp_engine() -> _LowercaseLemmaEngine:
     """Load the spaCy model directly; SpacyNlpEngine.load() would download missing models."""
     nlp = spacy.load(SPACY_MODEL, exclude=list(_UNUSED_PIPES))
-    nlp.add_pipe("sluice_lowercase_lemma", last=True)
-    engine = SpacyNlpEngine(
+    engine = _LowercaseLemmaEngine(
         models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
         ner_model_configuration=_NER_CONFIGURATION,
     )
@@ -171,7 +313,7 @@ def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
 
     Keeping only the best of two overlapping findings would leave the rest of the
     longer one in clear text; the merged span takes the type of the best finding
-    (highest score, then longest).
+    (the most specific detector, then highest score, then longest).
     """
     merged: list[list[_Span]] = []
     for span in sorted(spans, key=lambda s: (s.start, -s.end)):
@@ -181,7 +323,7 @@ def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
             merged.append([span])
     out: list[_Span] = []
     for group in merged:
-        best = min(group, key=lambda s: (-s.score, s.start - s.end))
+        best = min(group, key=lambda s: (_specificity(s.entity_type), -s.score, s.start - s.end))
         out.append(
             _Span(min(s.start for s in group), max(s.end for s in group), best.entity_type, best.score)
         )
@@ -208,6 +350,29 @@ class Redactor:
             registry.load_predefined_recognizers(languages=[LANGUAGE], nlp_engine=nlp_engine)
             registry.remove_recognizer("EmailRecognizer")
             registry.add_recognizer(_OfflineEmailRecognizer())
+            registry.remove_recognizer("PhoneRecognizer")
+            phones = _PhoneRecognizer(supported_regions=_PHONE_REGIONS, leniency=_PHONE_LENIENCY)
+            registry.add_recognizer(phones)
+            # The registry builds these with IGNORECASE, so an IBAN swallowed the
+            # next word ("ES87... please") and then failed its checksum.
+            registry.remove_recognizer("IbanRecognizer")
+            registry.add_recognizer(IbanRecognizer())
+            registry.remove_recognizer("CreditCardRecognizer")
+            registry.add_recognizer(CreditCardRecognizer(patterns=_CARD_PATTERNS))
+            registry.remove_recognizer("UsSsnRecognizer")
+            registry.add_recognizer(_AnySsnShapeRecognizer())
+            registry.add_recognizer(
+                PatternRecognizer(
+                    supported_entity="PERSON",
+                    name="introduced_name_recognizer",
+                    patterns=_NAME_PATTERNS,
+                    global_regex_flags=0,
+                )
+            )
+            for entity, patterns in _SECRET_PATTERNS.items():
+                registry.add_recognizer(
+                    PatternRecognizer(supported_entity=entity, name=f"{entity}_recognizer", patterns=patterns)
+                )
             engine = AnalyzerEngine(
                 registry=registry,
                 nlp_engine=nlp_engine,
@@ -216,7 +381,8 @@ class Redactor:
         except Exception as exc:  # any load failure must fail closed
             raise RedactionError(f"failed to load analyzer: {type(exc).__name__}") from exc
 
-        unknown = sorted(set(entities) - set(engine.get_supported_entities(LANGUAGE)))
+        self.supported_entities = frozenset(engine.get_supported_entities(LANGUAGE))
+        unknown = sorted(set(entities) - self.supported_entities)
         if unknown:
             raise ValueError(f"unsupported entity types: {unknown}")
         self._entities = list(dict.fromkeys(entities))
@@ -229,47 +395,158 @@ class Redactor:
         """Entity types this redactor detects."""
         return tuple(self._entities)
 
-    def redact(self, texts: Sequence[str], language: str = LANGUAGE) -> RedactionResult:
-        """Redact all messages of one request together so placeholders agree across them.
+    supported_languages: frozenset[str] = frozenset({LANGUAGE})
 
-        A string detected anywhere in the call is replaced at every whole-word
+    def redact(self, texts: Sequence[str], language: str = LANGUAGE) -> RedactionResult:
+        """Placeholders for this redactor's entities, consistent across all of `texts`."""
+        findings = self.find(
+            _checked(texts),
+            entities=self._entities,
+            thresholds={e: self._score_threshold for e in self._entities},
+            language=language,
+        )
+        return _substitute(list(texts), findings)
+
+    def find(
+        self,
+        texts: Sequence[str],
+        *,
+        entities: Sequence[str],
+        thresholds: Mapping[str, float],
+        language: str = LANGUAGE,
+        deadline: float | None = None,
+        allow: Sequence[str] = (),
+        deny: re.Pattern[str] | None = None,
+    ) -> list[list[Finding]]:
+        """Findings per text, merged and propagated, for all texts of one request together.
+
+        A string detected anywhere in the call is found at every whole-word
         occurrence in every text, since the NER model may miss it in another
         sentence; a leak there would defeat the consistent numbering.
+        `deadline` is a time.monotonic() value; past it, DeadlineExceeded.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string")
-        batch = list(texts)
+        job = Job(_checked(texts), tuple(entities), dict(thresholds), tuple(allow), deny)
+        return self.find_many([job], language=language, deadline=deadline)[0]
+
+    def find_many(
+        self, jobs: Sequence[Job], *, language: str = LANGUAGE, deadline: float | None = None
+    ) -> list[list[list[Finding]]]:
+        """Several requests in one spaCy batch (micro-batching); results per job, per text."""
+        if language not in self.supported_languages:
+            raise RedactionError(f"language: unsupported language {language!r}")
+        batch = [text for job in jobs for text in job.texts]
         if not batch:
-            return RedactionResult(texts=[], entity_counts={})
-        if not all(isinstance(t, str) for t in batch):
-            raise TypeError("texts must contain only strings")
+            return [[] for _ in jobs]
+        entities = sorted({e for job in jobs for e in job.entities})
+        floor = min((t for job in jobs for t in job.thresholds.values()), default=1.0)
+        raw = self._analyze(batch, language, entities, floor, deadline)
+        out: list[list[list[Finding]]] = []
+        at = 0
+        for job in jobs:
+            allowed = set(job.allow)
+            spans_per_text = []
+            for text, results in zip(job.texts, raw[at : at + len(job.texts)], strict=True):
+                spans = [
+                    _Span(r.start, r.end, r.entity_type, r.score)
+                    for r in results
+                    if r.end > r.start and r.score >= job.thresholds.get(r.entity_type, 1.01)
+                ]
+                if job.deny is not None:
+                    spans += [_Span(m.start(), m.end(), "DENY_LIST", 1.0) for m in job.deny.finditer(text)]
+                spans_per_text.append(_resolve_overlaps(_usable(text, spans, allowed)))
+            at += len(job.texts)
+            out.append(_propagate(job.texts, spans_per_text))
+        return out
 
-        spans_per_text = [
-            _resolve_overlaps(
-                [_Span(r.start, r.end, r.entity_type, r.score) for r in results if r.end > r.start]
-            )
-            for results in self._analyze(batch, language)
-        ]
-        spans_per_text = _propagate(batch, spans_per_text)
-        return _substitute(batch, spans_per_text)
-
-    def _analyze(self, texts: list[str], language: str) -> list[list[RecognizerResult]]:
-        """Run spaCy over all texts in one nlp.pipe batch, then Presidio's recognizers."""
+    def _analyze(
+        self, texts: list[str], language: str, entities: list[str], threshold: float, deadline: float | None
+    ) -> list[list[RecognizerResult]]:
+        """Run spaCy over all windows in nlp.pipe batches, then Presidio's recognizers."""
+        windows = [(i, offset, piece) for i, text in enumerate(texts) for offset, piece in _windows(text)]
+        found: list[list[RecognizerResult]] = [[] for _ in texts]
         try:
             with self._lock:
-                results = self._batch.analyze_iterator(
-                    texts,
-                    language=language,
-                    batch_size=len(texts),
-                    entities=self._entities,
-                    score_threshold=self._score_threshold,
-                )
+                for part in _steps(windows):
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise DeadlineExceeded("deadline: PII analysis did not finish in time")
+                    results = self._batch.analyze_iterator(
+                        [piece for _, _, piece in part],
+                        language=language,
+                        batch_size=len(part),
+                        entities=entities,
+                        score_threshold=threshold,
+                    )
+                    if len(results) != len(part):
+                        raise RedactionError("PII analysis returned a result count that does not match")
+                    for (i, offset, _), window_results in zip(part, results, strict=True):
+                        for r in window_results:
+                            r.start += offset
+                            r.end += offset
+                        found[i].extend(window_results)
+        except RedactionError:
+            raise
         except Exception as exc:
             # The cause is dropped on purpose: third-party messages may quote input.
             raise RedactionError(f"PII analysis failed: {type(exc).__name__}") from None
-        if len(results) != len(texts):
-            raise RedactionError("PII analysis returned a result count that does not match")
-        return results
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded("deadline: PII analysis did not finish in time")
+        return found
+
+
+def _checked(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    batch = list(texts)
+    if not all(isinstance(t, str) for t in batch):
+        raise TypeError("texts must contain only strings")
+    return batch
+
+
+def _windows(text: str) -> Iterator[tuple[int, str]]:
+    """Overlapping pieces of at most _WINDOW characters, cut at whitespace where possible."""
+    if len(text) <= _WINDOW:
+        yield 0, text
+        return
+    start = 0
+    while start < len(text):
+        end = min(start + _WINDOW, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + _WINDOW // 2, end)
+            end = cut if cut > 0 else end
+        yield start, text[start:end]
+        if end >= len(text):
+            return
+        nxt = text.find(" ", end - _OVERLAP, end)
+        start = nxt + 1 if nxt > start else end - _OVERLAP
+
+
+def _steps(windows: list[tuple[int, int, str]]) -> Iterator[list[tuple[int, int, str]]]:
+    """Batches for nlp.pipe: short texts together, each window of a long text on its own."""
+    batch: list[tuple[int, int, str]] = []
+    size = 0
+    for window in windows:
+        piece = window[2]
+        if len(piece) >= _WINDOW // 2:
+            yield [window]
+            continue
+        if batch and size + len(piece) > _STEP_CHARS:
+            yield batch
+            batch, size = [], 0
+        batch.append(window)
+        size += len(piece)
+    if batch:
+        yield batch
+
+
+def _usable(text: str, spans: list[Finding], allowed: set[str]) -> list[Finding]:
+    """Drop allow-listed values and anything inside an existing placeholder."""
+    guarded = [(m.start(), m.end()) for m in PLACEHOLDER_RE.finditer(text)] if "<" in text else []
+    return [
+        s
+        for s in spans
+        if text[s.start : s.end] not in allowed
+        and not any(s.start < g_end and g_start < s.end for g_start, g_end in guarded)
+    ]
 
 
 def _propagate(texts: list[str], spans_per_text: list[list[_Span]]) -> list[list[_Span]]:

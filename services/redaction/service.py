@@ -1,37 +1,49 @@
 """Redaction: the privacy boundary. Nothing leaves it holding raw personal data.
 
-It fails closed: if analysis fails, the request is dead-lettered and the caller
-told, and nothing is published downstream.
+It fails closed: if analysis fails, times out or the model is not loaded, the
+request is dead-lettered with the reason and the caller told; nothing is
+published downstream. Pseudonyms leave only sealed (AES-GCM, tenant key), on
+the caller's reply partition, for the caller's gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 from aiokafka import ConsumerRecord
 
-from services.redaction.analyzer import Redactor
+from services.gateway.auth import KeyStore
+from services.redaction.analyzer import DeadlineExceeded, RedactionError, Redactor
+from services.redaction.boundary import (
+    Boundary,
+    InvalidText,
+    boundary_from_settings,
+    output_redactor,
+    parse_tenant_policy,
+)
+from services.redaction.policy import POLICIES, PolicyError
 from sluice import envelope as envelopes
 from sluice.config import Settings
-from sluice.kafka import EventConsumer, Output
+from sluice.identity import pseudonymous_user
+from sluice.kafka import EventConsumer, Output, RequestFailed
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import REDACTED, REQUESTS, BadEvent
-from sluice.v1 import envelope_pb2, events_pb2, redaction_pb2, redaction_pb2_grpc
+from sluice.v1 import envelope_pb2, events_pb2, privacy_pb2, redaction_pb2, redaction_pb2_grpc
 
 log = get_logger()
-POLICY_VERSION = "builtin-1"
 
 
 def check_request(event: events_pb2.GenerationRequested) -> None:
     """Kafka producers skip the gateway's checks, so the boundary repeats the essential ones."""
     if not event.model:
         raise BadEvent("model: must not be empty")
-    if not event.messages:
+    if not event.messages and not event.HasField("template"):
         raise BadEvent("messages: at least one message is required")
     for i, message in enumerate(event.messages):
         if not message.content.strip():
@@ -40,77 +52,167 @@ def check_request(event: events_pb2.GenerationRequested) -> None:
         raise BadEvent("params.max_tokens: must be greater than 0")
 
 
-def pseudonymous_user(tenant: str, user: str) -> str:
-    """End-user ids are often emails; downstream only needs a stable, opaque id."""
-    if not user:
-        return ""
-    return "u-" + hashlib.sha256(f"{tenant}\0{user}".encode()).hexdigest()[:20]
-
-
 @dataclass
-class RedactionServicer(redaction_pb2_grpc.RedactionServicer):
-    redactor: Redactor | None = None
+class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
+    settings: Settings
+    boundary: Boundary
+
+    async def _tenant(self, context: Context) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        tenant = KeyStore.load(self.settings.state_dir).tenant_for(metadata.get("authorization"))
+        if tenant is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "authorization: missing or unknown API key (send 'authorization: Bearer <key>')",
+            )
+        assert tenant is not None
+        return tenant
 
     async def Redact(
         self, request: redaction_pb2.RedactRequest, context: Context
     ) -> redaction_pb2.RedactResponse:
-        if not request.text:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: must not be empty")
-        if self.redactor is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "redaction is loading its model")
-        assert self.redactor is not None
-        result = await asyncio.to_thread(self.redactor.redact, [request.text])
-        return redaction_pb2.RedactResponse(text=result.texts[0], entity_counts=result.entity_counts)
+        tenant = await self._tenant(context)
+        try:
+            self.boundary.check([request.text], "text")
+            applied, policy = await self.boundary.redact(tenant, [request.text], request.language)
+        except (InvalidText, PolicyError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DeadlineExceeded as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except RedactionError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return redaction_pb2.RedactResponse(
+            text=applied.texts[0],
+            entity_counts=applied.entity_counts,
+            entities=[
+                redaction_pb2.Entity(type=f.entity_type, start=f.start, end=f.end, score=f.score)
+                for f in applied.findings[0]
+            ],
+            policy_version=policy.version,
+        )
+
+    async def RedactStream(
+        self, request_iterator: AsyncIterator[redaction_pb2.RedactStreamRequest], context: Context
+    ) -> AsyncIterator[redaction_pb2.RedactStreamResponse]:
+        tenant = await self._tenant(context)
+        try:
+            stream = output_redactor(self.boundary, tenant, self.settings.output_redaction_holdback_chars)
+            async for request in request_iterator:
+                self.boundary.check([request.delta], "delta")
+                released = await asyncio.to_thread(stream.push, request.delta)
+                if released:
+                    yield redaction_pb2.RedactStreamResponse(delta=released)
+                if stream.held > self.settings.redaction_max_text_bytes:
+                    raise InvalidText("delta: held-back text is over the size limit")
+            rest = await asyncio.to_thread(stream.finish)
+        except (InvalidText, PolicyError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DeadlineExceeded as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except RedactionError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if rest:
+            yield redaction_pb2.RedactStreamResponse(delta=rest)
 
 
 class RedactionService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.name = "redaction"
-        self.servicer = RedactionServicer()
+        self.boundary = boundary_from_settings(settings)
+        self.servicer = RedactorServicer(settings, self.boundary)
 
     async def prepare(self) -> None:
-        threshold = self.settings.redaction_score_threshold
-        self.servicer.redactor = await asyncio.to_thread(Redactor, score_threshold=threshold)
+        redactor = await asyncio.to_thread(Redactor)
+        self.boundary.loaded(redactor)
         log.info("presidio loaded")
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
             GrpcApi(
-                redaction_pb2.DESCRIPTOR.services_by_name["Redaction"].full_name,
+                redaction_pb2.DESCRIPTOR.services_by_name["Redactor"].full_name,
                 self.servicer,
-                redaction_pb2_grpc.add_RedactionServicer_to_server,
+                redaction_pb2_grpc.add_RedactorServicer_to_server,
             )
         ]
 
     async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
-        return [runtime.consumer([REQUESTS], self.handle)]
+        # Every replica must see every policy update: one group per process, from the start.
+        policy_group = f"sluice-redaction-policies-{socket.gethostname()}-{os.getpid()}"
+        return [
+            runtime.consumer([REQUESTS], self.handle),
+            runtime.consumer([POLICIES], self.handle_policy, group_id=policy_group),
+        ]
+
+    async def handle_policy(
+        self, event: privacy_pb2.PolicyUpdate, record: ConsumerRecord[bytes, bytes]
+    ) -> Sequence[Output]:
+        if not event.tenant:
+            raise BadEvent("tenant: must not be empty")
+        if not event.policy_yaml.strip():
+            self.boundary.policies.override(event.tenant, None)
+            log.info("policy override removed", tenant=event.tenant)
+            return ()
+        try:
+            policy = parse_tenant_policy(event.policy_yaml, event.tenant)
+        except PolicyError as exc:
+            raise BadEvent(str(exc)) from None
+        self.boundary.policies.override(event.tenant, policy)
+        log.info("policy applied", tenant=event.tenant, version=policy.version)
+        return ()
 
     async def handle(
         self, event: events_pb2.GenerationRequested, record: ConsumerRecord[bytes, bytes]
     ) -> Sequence[Output]:
         check_request(event)
-        assert self.servicer.redactor is not None
-        result = await asyncio.to_thread(self.servicer.redactor.redact, [m.content for m in event.messages])
-        redacted = events_pb2.RequestRedacted(
-            envelope=envelopes.follow(event.envelope, self.name),
-            model=event.model,
-            messages=[
-                envelope_pb2.ChatMessage(role=m.role, content=text)
-                for m, text in zip(event.messages, result.texts, strict=True)
-            ],
-            params=event.params,
-            user=pseudonymous_user(event.envelope.tenant, event.user),
-            reply_to=event.reply_to,
-            entity_counts=result.entity_counts,
-            policy_version=POLICY_VERSION,
+        tenant = event.envelope.tenant
+        request_id = event.envelope.request_id
+        texts = [m.content for m in event.messages]
+        # Template variables and context documents are redacted with the messages (prompts area).
+        names, n = list(event.variables), len(event.messages)
+        extra = [event.variables[k] for k in names] + [*event.context]
+        try:
+            self.boundary.check(texts, "messages[{i}].content")
+            self.boundary.check(extra, "variables/context[{i}]")
+            applied, policy = await self.boundary.redact(tenant, texts + extra)
+        except (InvalidText, PolicyError) as exc:
+            raise BadEvent(str(exc)) from None
+        except DeadlineExceeded as exc:
+            raise RequestFailed("DEADLINE_EXCEEDED", f"redaction: {exc}") from None
+        except RedactionError as exc:
+            raise RequestFailed("UNAVAILABLE", f"redaction: {exc}") from None
+        outputs: list[Output] = []
+        if applied.originals and event.reply_to.topic:
+            vault = self.boundary.keyring.seal(tenant, request_id, applied.originals, policy.pseudonym_ttl_s)
+            sealed = events_pb2.ReplyEvent(
+                envelope=envelopes.follow(event.envelope, self.name), pseudonyms=vault
+            )
+            outputs.append(Output(event.reply_to.topic, sealed, request_id, event.reply_to.partition))
+        outputs.append(
+            Output(
+                REDACTED,
+                events_pb2.RequestRedacted(
+                    envelope=envelopes.follow(event.envelope, self.name),
+                    model=event.model,
+                    messages=[
+                        envelope_pb2.ChatMessage(role=m.role, content=text)
+                        for m, text in zip(event.messages, applied.texts[:n], strict=True)
+                    ],
+                    params=event.params,
+                    user=pseudonymous_user(tenant, event.user),
+                    reply_to=event.reply_to,
+                    entity_counts=applied.entity_counts,
+                    policy_version=policy.version,
+                    template=event.template if event.HasField("template") else None,
+                    variables=dict(zip(names, applied.texts[n : n + len(names)], strict=True)),
+                    context=applied.texts[n + len(names) :],
+                    max_tokens_defaulted=event.max_tokens_defaulted,
+                ),
+                request_id,
+            )
         )
-        log.info(
-            "redacted",
-            request_id=event.envelope.request_id,
-            entities=sum(result.entity_counts.values()),
-        )
-        return [Output(REDACTED, redacted, event.envelope.request_id)]
+        log.info("redacted", request_id=request_id, entities=sum(applied.entity_counts.values()))
+        return outputs
 
 
 def build(settings: Settings) -> Service:

@@ -1,0 +1,281 @@
+"""The checks and the policy every redaction path applies: consumer, gRPC, CLI, output streams.
+
+Errors are typed so each caller can map them to its own failure channel:
+:class:`InvalidText` and :class:`PolicyError` are the caller's fault
+(INVALID_ARGUMENT), :class:`DeadlineExceeded` and :class:`RedactionError`
+mean redaction could not be guaranteed (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.redaction.analyzer import DeadlineExceeded, Finding, Job, RedactionError, Redactor
+from services.redaction.operators import Applied, apply_policy, render
+from services.redaction.policy import (
+    PolicyBook,
+    PolicyError,
+    TenantPolicy,
+    load_policy_file,
+    parse_policy_yaml,
+)
+from services.redaction.streaming import StreamRedactor
+from services.redaction.vault import Keyring, keyring_from_settings
+from sluice.config import Settings
+from sluice.kafka import RequestFailed
+
+__all__ = ["Boundary", "DeadlineExceeded", "InvalidText", "MicroBatcher", "PolicyError", "RedactionError"]
+
+
+class InvalidText(ValueError):
+    """Text the boundary refuses to analyze; the message starts with the field name."""
+
+
+def check_text(text: str, field_name: str, max_bytes: int) -> None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidText(f"{field_name}: not valid UTF-8") from None
+    if size > max_bytes:
+        raise InvalidText(f"{field_name}: {size} bytes is over the limit of {max_bytes} bytes")
+
+
+def job_for(texts: Sequence[str], policy: TenantPolicy) -> Job:
+    return Job(
+        list(texts),
+        tuple(policy.entities),
+        {name: rule.threshold for name, rule in policy.entities.items()},
+        tuple(policy.allow),
+        policy.deny_pattern(),
+    )
+
+
+@dataclass
+class _Pending:
+    job: Job
+    deadline: float
+    future: asyncio.Future[list[list[Finding]]]
+
+
+@dataclass
+class MicroBatcher:
+    """Joins concurrent requests into one nlp.pipe batch: spaCy is far cheaper per text in batches.
+
+    A batch starts as soon as the analyzer is free; requests arriving while it
+    works wait for the next batch, so an idle service adds no delay.
+    """
+
+    redactor: Redactor
+    max_texts: int = 128
+    _queue: list[_Pending] = field(default_factory=list)
+    _worker: asyncio.Task[None] | None = None
+
+    async def find(self, job: Job, deadline: float) -> list[list[Finding]]:
+        future: asyncio.Future[list[list[Finding]]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(job, deadline, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        try:
+            # The caller hears at the deadline; the analyzer stops at its next check.
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded("deadline: PII analysis did not finish in time") from None
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch: list[_Pending] = []
+            size = 0
+            while self._queue and (not batch or size + len(self._queue[0].job.texts) <= self.max_texts):
+                pending = self._queue.pop(0)
+                if pending.future.done():
+                    continue  # its caller already gave up at the deadline
+                batch.append(pending)
+                size += len(pending.job.texts)
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(
+                    self.redactor.find_many,
+                    [p.job for p in batch],
+                    deadline=max(p.deadline for p in batch),
+                )
+            except Exception as exc:  # every waiting request fails closed with the same reason
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finished = time.monotonic()
+            for p, result in zip(batch, results, strict=True):
+                if p.future.done():
+                    continue
+                if finished > p.deadline:
+                    p.future.set_exception(DeadlineExceeded("deadline: PII analysis did not finish in time"))
+                else:
+                    p.future.set_result(result)
+
+
+@dataclass
+class Boundary:
+    """Policy lookup, input checks, analysis under a deadline, operators."""
+
+    policies: PolicyBook
+    keyring: Keyring
+    max_text_bytes: int
+    deadline_s: float
+    redactor: Redactor | None = None
+    _batcher: MicroBatcher | None = None
+
+    def loaded(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self._batcher = MicroBatcher(redactor)
+
+    def policy(self, tenant: str, language: str = "") -> TenantPolicy:
+        policy = self.policies.for_tenant(tenant)
+        if language and language != policy.language:
+            raise PolicyError(f"language: unsupported language {language!r} for tenant {tenant!r}")
+        return policy
+
+    def check(self, texts: Sequence[str], field_name: str) -> None:
+        for i, text in enumerate(texts):
+            check_text(text, field_name.format(i=i), self.max_text_bytes)
+
+    def _require_model(self) -> Redactor:
+        if self.redactor is None:
+            raise RedactionError("redaction model is not loaded")
+        return self.redactor
+
+    def findings_now(self, tenant: str, text: str) -> list[Finding]:
+        """Findings in one text under the tenant's policy, synchronously."""
+        policy = self.policy(tenant)
+        redactor = self._require_model()
+        deadline = time.monotonic() + self.deadline_s
+        return redactor.find_many([job_for([text], policy)], language=policy.language, deadline=deadline)[0][
+            0
+        ]
+
+    async def redact(
+        self, tenant: str, texts: Sequence[str], language: str = ""
+    ) -> tuple[Applied, TenantPolicy]:
+        """Analyze with micro-batching; raises instead of ever returning unredacted text."""
+        policy = self.policy(tenant, language)
+        self._require_model()
+        assert self._batcher is not None
+        if not any(texts):
+            return apply_policy(texts, [[] for _ in texts], policy, b""), policy
+        findings = await self._batcher.find(job_for(texts, policy), time.monotonic() + self.deadline_s)
+        return apply_policy(texts, findings, policy, self.keyring.hash_salt(tenant)), policy
+
+    def redact_now(
+        self, tenant: str, texts: Sequence[str], language: str = ""
+    ) -> tuple[Applied, TenantPolicy]:
+        """The same, synchronously, for callers without an event loop (CLI, output streams)."""
+        policy = self.policy(tenant, language)
+        redactor = self._require_model()
+        findings = redactor.find_many(
+            [job_for(texts, policy)], language=policy.language, deadline=time.monotonic() + self.deadline_s
+        )[0]
+        return apply_policy(texts, findings, policy, self.keyring.hash_salt(tenant)), policy
+
+
+# What policies may name. A test checks the analyzer really supports each one;
+# kept static so policies are validated without loading the model.
+SUPPORTED_ENTITIES = frozenset(
+    {
+        "PERSON",
+        "LOCATION",
+        "NRP",
+        "DATE_TIME",
+        "EMAIL_ADDRESS",
+        "PHONE_NUMBER",
+        "US_SSN",
+        "CREDIT_CARD",
+        "IP_ADDRESS",
+        "IBAN_CODE",
+        "US_BANK_NUMBER",
+        "US_DRIVER_LICENSE",
+        "US_ITIN",
+        "US_PASSPORT",
+        "URL",
+        "CRYPTO",
+        "MEDICAL_LICENSE",
+        "API_KEY",
+        "AWS_ACCESS_KEY",
+        "BEARER_TOKEN",
+        "JWT",
+        "PRIVATE_KEY",
+        "DENY_LIST",
+    }
+)
+SUPPORTED_LANGUAGES = frozenset({"en"})
+
+
+def parse_tenant_policy(text: str, tenant: str) -> TenantPolicy:
+    return parse_policy_yaml(
+        text,
+        supported_entities=SUPPORTED_ENTITIES,
+        supported_languages=SUPPORTED_LANGUAGES,
+        where=f"tenants.{tenant}",
+    )
+
+
+def boundary_from_settings(settings: Settings) -> Boundary:
+    """Policies and keys checked at start: a bad policy file stops the service, naming the field."""
+    policies = load_policy_file(
+        settings.redaction_policies_file,
+        supported_entities=SUPPORTED_ENTITIES,
+        supported_languages=SUPPORTED_LANGUAGES,
+    )
+    return Boundary(
+        PolicyBook(policies),
+        keyring_from_settings(settings),
+        settings.redaction_max_text_bytes,
+        settings.redaction_deadline_s,
+    )
+
+
+def output_redactor(boundary: Boundary, tenant: str, holdback_chars: int) -> StreamRedactor:
+    """A stream redactor under the tenant's policy.
+
+    Placeholders in output are unnumbered (<PERSON>): numbers belong to the
+    request's input, and a new <PERSON_1> would be "restored" to someone else.
+    """
+    policy = boundary.policy(tenant)
+    salt = boundary.keyring.hash_salt(tenant)
+    return StreamRedactor(
+        lambda text: boundary.findings_now(tenant, text),
+        lambda kind, value: render(kind, value, policy, salt, None),
+        holdback_chars,
+    )
+
+
+async def load_output_boundary(settings: Settings) -> Boundary | None:
+    """For the inference worker: the boundary with its own analyzer, unless output redaction is off."""
+    if not settings.output_redaction:
+        return None
+    boundary = boundary_from_settings(settings)
+    boundary.loaded(await asyncio.to_thread(Redactor))
+    return boundary
+
+
+def stream_redactor_for(boundary: Boundary | None, tenant: str, settings: Settings) -> StreamRedactor | None:
+    """The output redactor for one generation; a tenant without a policy fails the request."""
+    if boundary is None:
+        return None
+    try:
+        return output_redactor(boundary, tenant, settings.output_redaction_holdback_chars)
+    except PolicyError as exc:
+        raise RequestFailed("INVALID_ARGUMENT", str(exc)) from None
+
+
+def redact_chunk(stream: StreamRedactor, delta: str, final: bool) -> str:
+    """One chunk through the output redactor; a redaction failure fails the request closed."""
+    try:
+        released = stream.push(delta)
+        return released + stream.finish() if final else released
+    except DeadlineExceeded as exc:
+        raise RequestFailed("DEADLINE_EXCEEDED", f"output redaction: {exc}") from None
+    except RedactionError as exc:
+        raise RequestFailed("UNAVAILABLE", f"output redaction: {exc}") from None
