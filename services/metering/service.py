@@ -1,55 +1,34 @@
-"""Metering: prices every completion exactly once and keeps the usage ledger.
+"""Metering: prices every completion exactly once, keeps the ledger, budgets and prices.
 
-Pricing consumes sluice.completions.v1 and produces the charge, the caller's
-cost reply and its input offset in one Kafka transaction, so a charge is never
-lost or doubled. The ledger view is built only from committed charges.
+Pricing consumes sluice.completions.v1 and produces the charges, the callers'
+cost replies and the input offsets in one Kafka transaction per poll, so a
+charge is never lost or doubled. The ledger view is built only from committed
+charges. Budgets and windowed totals run as an embedded faust app (streams/).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from services.metering.api import MeteringServicer
+from services.metering.attribution import Attribution
 from services.metering.ledger import Ledger
-from services.metering.pricing import PriceTable, format_amount
-from sluice import envelope as envelopes
+from services.metering.pricer import Pricer, charged_recently
+from services.metering.pricing import Catalog, CatalogError
 from sluice.config import Settings
-from sluice.kafka import EventConsumer, Output, RequestFailed
+from sluice.kafka import EventConsumer, Output, send, start_producer
 from sluice.logs import get_logger
-from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import COMPLETIONS, USAGE
-from sluice.v1 import envelope_pb2, events_pb2, metering_pb2, metering_pb2_grpc
+from sluice.service import GrpcApi, Runtime, Service
+from sluice.topics import COMPLETIONS, PROMPTS, REQUESTS, USAGE
+from sluice.v1 import events_pb2, metering_pb2, metering_pb2_grpc
+from streams.metering_budgets import BudgetStream
 
 log = get_logger()
-
-
-@dataclass
-class MeteringServicer(metering_pb2_grpc.MeteringServicer):
-    ledger: Ledger
-
-    async def GetUsage(
-        self, request: metering_pb2.GetUsageRequest, context: Context
-    ) -> metering_pb2.GetUsageResponse:
-        rows = [
-            metering_pb2.TenantUsage(
-                tenant=row.tenant,
-                model=row.model,
-                requests=row.requests,
-                usage=envelope_pb2.Usage(
-                    prompt_tokens=row.prompt_tokens,
-                    completion_tokens=row.completion_tokens,
-                    cached_tokens=row.cached_tokens,
-                    total_tokens=row.prompt_tokens + row.completion_tokens,
-                ),
-                cost=envelope_pb2.Cost(
-                    nanos=row.cost_nanos, currency=row.currency, amount=format_amount(row.cost_nanos)
-                ),
-            )
-            for row in self.ledger.totals(request.tenant)
-        ]
-        return metering_pb2.GetUsageResponse(rows=rows)
+PRICES = "sluice.prices.v1"
 
 
 class MeteringService(Service):
@@ -58,49 +37,74 @@ class MeteringService(Service):
         self.name = "metering"
         # A fixed id fences a stale instance: only one pricer can commit at a time.
         self.transactional_id = "sluice-metering-pricer"
-        self.prices = PriceTable.load(settings.prices_file)
-        self.ledger = Ledger(settings.state_dir / "metering" / "ledger.sqlite")
+        try:
+            self.catalog = Catalog.load(settings.prices_file)
+        except CatalogError as exc:
+            raise SystemExit(f"metering: SLUICE_PRICES_FILE: {exc}") from None
+        state = settings.state_dir / "metering"
+        self.ledger = Ledger(state / "ledger.sqlite")
+        self.attribution = Attribution(state / "attribution.sqlite")
+        self.pricer = Pricer(self.catalog, self.attribution)
+        self.budgets = BudgetStream(settings)
+        self.servicer = MeteringServicer(self.ledger, self.catalog, self.budgets)
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
             GrpcApi(
                 metering_pb2.DESCRIPTOR.services_by_name["Metering"].full_name,
-                MeteringServicer(self.ledger),
+                self.servicer,
                 metering_pb2_grpc.add_MeteringServicer_to_server,
             )
         ]
 
     async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
+        settings = self.settings
+        recent = await charged_recently(
+            settings.bootstrap, settings.metering_dedupe_window_s, settings.metering_dedupe_capacity
+        )
+        # The pricer's producer is transactional; everything else (the ledger view's and
+        # attribution's dead letters, budgets, the catalog) goes through a plain one.
+        self.side_producer = await start_producer(settings.bootstrap, self.name)
+        self.servicer.producer = self.side_producer
+
+        def plain(topics: list[str], handler: Any, group_id: str) -> EventConsumer:
+            return EventConsumer(
+                service=self.name,
+                group_id=group_id,
+                topics=topics,
+                handler=handler,
+                codec=runtime.codec,
+                bootstrap=settings.bootstrap,
+                producer=self.side_producer,
+            )
+
         return [
-            runtime.consumer([COMPLETIONS], self.price, transactional=True),
-            runtime.consumer([USAGE], self.record, group_id="sluice-metering-ledger"),
+            runtime.consumer(
+                [COMPLETIONS],
+                self.price,
+                transactional=True,
+                batch_transactions=True,
+                max_records=settings.metering_transaction_records,
+                _recent=recent,
+            ),
+            # The ledger view dedupes by its primary key, which also tells corrections apart.
+            plain([USAGE], self.record, "sluice-metering-ledger-v2"),
+            plain([REQUESTS, PROMPTS], self.attribution.handle, "sluice-metering-attribution"),
+        ]
+
+    async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
+        producer = self.side_producer
+        await send(producer, self.name, Output(PRICES, self.catalog.to_proto(), self.catalog.version))
+        log.info("price catalog published", version=self.catalog.version, models=len(self.catalog.models))
+        return [
+            asyncio.create_task(self.budgets.run(), name="budget-stream"),
+            asyncio.create_task(_hold(producer), name="metering-producer"),
         ]
 
     async def price(
         self, event: events_pb2.CompletionFinished, record: ConsumerRecord[bytes, bytes]
     ) -> Sequence[Output]:
-        try:
-            cost = self.prices.price(event.model, event.usage)
-        except KeyError as exc:
-            raise RequestFailed("FAILED_PRECONDITION", f"model: {exc.args[0]}") from None
-        charge = events_pb2.UsageCharged(
-            envelope=envelopes.follow(event.envelope, self.name),
-            model=event.model,
-            usage=event.usage,
-            cost=cost,
-            finish_reason=event.finish_reason,
-        )
-        log.info("charged", request_id=event.envelope.request_id, cost_nanos=cost.nanos)
-        outputs = [Output(USAGE, charge, event.envelope.request_id)]
-        if event.reply_to.topic:
-            reply = events_pb2.ReplyEvent(
-                envelope=envelopes.follow(event.envelope, self.name),
-                charged=events_pb2.StreamCharged(cost=cost),
-            )
-            outputs.append(
-                Output(event.reply_to.topic, reply, event.envelope.request_id, event.reply_to.partition)
-            )
-        return outputs
+        return self.pricer.outputs(event)
 
     async def record(
         self, event: events_pb2.UsageCharged, record: ConsumerRecord[bytes, bytes]
@@ -110,6 +114,15 @@ class MeteringService(Service):
 
     async def close(self) -> None:
         self.ledger.close()
+        self.attribution.close()
+
+
+async def _hold(producer: AIOKafkaProducer) -> None:
+    """Keep the side producer open for SetBudget until shutdown, then flush and close it."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await producer.stop()
 
 
 def build(settings: Settings) -> Service:

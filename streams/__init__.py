@@ -1,0 +1,1 @@
+"""Stateful stream processing (faust-streaming): metering windows and budgets."""
