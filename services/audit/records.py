@@ -1,4 +1,4 @@
-"""What the audit trail keeps of each event: ids, stage, counts and money. Never text."""
+"""What the audit trail keeps of each event: ids, stage, counts and money. Never raw text."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ from collections.abc import Callable
 
 from aiokafka import ConsumerRecord
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.audit.chain import CHECKPOINT
 from sluice import topics
-from sluice.v1 import events_pb2
+from sluice.identity import pseudonymous_user
+from sluice.v1 import compliance_pb2, events_pb2, templates_pb2
 
 
 def _received(e: events_pb2.GenerationRequested) -> dict[str, str]:
@@ -27,7 +30,16 @@ def _redacted(e: events_pb2.RequestRedacted) -> dict[str, str]:
 
 
 def _assembled(e: events_pb2.PromptAssembled) -> dict[str, str]:
-    return {"model": e.model, "prompt_tokens": str(e.prompt_tokens), "template": e.template}
+    details = {"model": e.model, "prompt_tokens": str(e.prompt_tokens), "template": e.template}
+    if e.HasField("template_used"):
+        used = e.template_used
+        details.update(
+            template_name=used.name,
+            template_version=str(used.version),
+            template_label=used.label,
+            template_variant=used.variant,
+        )
+    return details
 
 
 def _completed(e: events_pb2.CompletionFinished) -> dict[str, str]:
@@ -38,6 +50,7 @@ def _completed(e: events_pb2.CompletionFinished) -> dict[str, str]:
         "completion_tokens": str(e.usage.completion_tokens),
         "duration_ms": str(e.duration_ms),
         "worker": e.worker,
+        **({"error": e.error[:200]} if e.error else {}),
     }
 
 
@@ -63,6 +76,38 @@ def _feedback(e: events_pb2.FeedbackSubmitted) -> dict[str, str]:
     return {"score": str(e.score)}  # the free-text label may hold personal data
 
 
+# The prompts area's template registry (services/prompts/registry_log.py).
+TEMPLATES = "sluice.templates.v1"
+
+
+def _template_changed(e: templates_pb2.TemplateEvent) -> dict[str, str]:
+    """A registry write; the author is left out (it may be a person's e-mail)."""
+    body = e.WhichOneof("body")
+    if body == "version":
+        return {
+            "change": "version",
+            "template_name": e.version.name,
+            "template_version": str(e.version.version),
+        }
+    if body == "label":
+        return {
+            "change": "label",
+            "template_name": e.label.name,
+            "template_label": e.label.label,
+            "variants": str(len(e.label.variants)),
+        }
+    return {"change": "unknown"}
+
+
+def _compliance(e: compliance_pb2.ComplianceEvent) -> dict[str, str]:
+    action = e.WhichOneof("action")
+    if action == "erased":
+        return {"action": "erased", "had_key": str(e.erased.had_key).lower()}
+    if action == "denied":
+        return {"action": "access_denied", "rpc": e.denied.rpc, "requested_tenant": e.denied.requested_tenant}
+    return {"action": "unknown"}
+
+
 STAGES: dict[str, tuple[str, Callable[..., dict[str, str]]]] = {
     topics.REQUESTS: ("received", _received),
     topics.REDACTED: ("redacted", _redacted),
@@ -71,7 +116,18 @@ STAGES: dict[str, tuple[str, Callable[..., dict[str, str]]]] = {
     topics.USAGE: ("charged", _charged),
     topics.DLQ: ("dead_lettered", _dead_lettered),
     topics.FEEDBACK: ("feedback", _feedback),
+    topics.COMPLIANCE: ("compliance", _compliance),
+    TEMPLATES: ("template_changed", _template_changed),
 }
+
+
+def _user(event: Message) -> str:
+    tenant = event.envelope.tenant  # type: ignore[attr-defined]
+    if isinstance(event, events_pb2.GenerationRequested | events_pb2.RequestRedacted):
+        return pseudonymous_user(tenant, event.user)
+    if isinstance(event, compliance_pb2.ComplianceEvent) and event.WhichOneof("action") == "erased":
+        return event.erased.subject
+    return ""
 
 
 def audit_record(event: Message, record: ConsumerRecord[bytes, bytes]) -> events_pb2.AuditRecord:
@@ -88,4 +144,28 @@ def audit_record(event: Message, record: ConsumerRecord[bytes, bytes]) -> events
         source_partition=record.partition,
         source_offset=record.offset,
         details=details(event),
+        user=_user(event),
+        api_key_id=getattr(event, "key_id", ""),
+        model=getattr(event, "model", ""),
+        ingest_time=now_json(),
+    )
+
+
+def now_json() -> str:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp.ToJsonString()
+
+
+def checkpoint_record(head: events_pb2.AuditRecord, since: int) -> events_pb2.AuditRecord:
+    """Restates the chain head: an anchor to publish or to start a range verification from."""
+    now = now_json()
+    return events_pb2.AuditRecord(
+        request_id=f"checkpoint-{head.seq + 1}",
+        attempt=1,
+        tenant="",
+        stage=CHECKPOINT,
+        event_time=now,
+        ingest_time=now,
+        details={"head_seq": str(head.seq), "head_hash": head.hash, "records": str(since)},
     )

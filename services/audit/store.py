@@ -1,54 +1,329 @@
-"""SQLite index of sluice.audit.v1 for fast trail queries. Rebuildable from the topic."""
+"""SQLite index of sluice.audit.v1 for compliance queries. Rebuildable from the topic.
+
+Rows are keyed by topic offset, not by seq, so the index mirrors the topic
+exactly, forged or duplicated records included: verification then finds them
+instead of the index hiding them. Each row carries the request's who/what
+(user, model, template) copied from the request's earlier records, so a filter
+on the user finds every stage of that user's requests.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.audit.chain import CHECKPOINT
 from sluice.v1 import events_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-  seq INTEGER PRIMARY KEY,
+  topic_offset INTEGER PRIMARY KEY,
+  seq INTEGER NOT NULL,
   request_id TEXT NOT NULL,
+  tenant TEXT NOT NULL,
   stage TEXT NOT NULL,
-  topic_offset INTEGER NOT NULL,
+  event_ms INTEGER NOT NULL,
+  user TEXT NOT NULL,
+  model TEXT NOT NULL,
+  template TEXT NOT NULL,
+  template_version TEXT NOT NULL,
+  finish_reason TEXT NOT NULL,
+  cost_nanos INTEGER,
   body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_by_request ON records (request_id, seq);
+CREATE INDEX IF NOT EXISTS records_by_request ON records (request_id, topic_offset);
+CREATE INDEX IF NOT EXISTS records_by_seq ON records (seq);
+CREATE INDEX IF NOT EXISTS records_by_tenant_time ON records (tenant, event_ms, topic_offset);
+CREATE INDEX IF NOT EXISTS records_by_user_time ON records (user, event_ms, topic_offset);
+CREATE INDEX IF NOT EXISTS records_by_time ON records (event_ms, topic_offset);
+CREATE TABLE IF NOT EXISTS entities (
+  entity TEXT NOT NULL,
+  topic_offset INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  PRIMARY KEY (entity, topic_offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+  request_id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  first_ms INTEGER NOT NULL,
+  user TEXT NOT NULL,
+  model TEXT NOT NULL,
+  template TEXT NOT NULL,
+  template_version TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (first_ms);
 """
+
+# Stages that are not part of a request's lifecycle.
+NOT_REQUESTS = (CHECKPOINT, "compliance", "template_changed")
+FINISH_PREFIX = "FINISH_REASON_"
+# Requests whose who/what the indexer keeps in memory (the rest are read back from SQLite).
+WHO_CACHE = 100_000
+
+
+def to_ms(rfc3339: str) -> int:
+    if not rfc3339:
+        return 0
+    try:  # the C parser is ~10x faster than protobuf's; it rejects 9-digit fractions
+        return int(datetime.fromisoformat(rfc3339).timestamp() * 1000)
+    except ValueError:
+        stamp = Timestamp()
+        stamp.FromJsonString(rfc3339)
+        return int(stamp.ToMilliseconds())
+
+
+@dataclass(frozen=True)
+class QueryFilter:
+    """Every field is optional; `after` is the (event_ms, offset) cursor of the previous page."""
+
+    tenant: str = ""
+    from_ms: int | None = None
+    to_ms: int | None = None
+    user: str = ""
+    model: str = ""
+    template: str = ""
+    template_version: str = ""
+    entity: str = ""
+    stage: str = ""
+    finish_reason: str = ""
+    min_cost_nanos: int | None = None
+    max_cost_nanos: int | None = None
+    request_id: str = ""
+    page_size: int = 100
+    after: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    request_id: str
+    tenant: str
+    first_ms: int
+    stages: list[str]
+    missing: list[str]
+
+
+Row = tuple[int, events_pb2.AuditRecord]
 
 
 class AuditStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._db = sqlite3.connect(path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._who: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
+
+    # -- writing (the indexer only) ------------------------------------------------
 
     def add(self, record: events_pb2.AuditRecord, offset: int) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)",
-                (record.seq, record.request_id, record.stage, offset, record.SerializeToString()),
+        self.add_many([(offset, record)])
+
+    def add_many(self, rows: Iterable[Row]) -> int:
+        """Index a batch in one transaction; returns how many rows were new.
+
+        Rows are prepared in Python and written with one executemany per table:
+        per-row statements would cap the indexer near 4,000 records/s.
+        """
+        requests: list[tuple[object, ...]] = []
+        records: list[tuple[object, ...]] = []
+        entities: list[tuple[str, int, int]] = []
+        for offset, record in rows:
+            details = dict(record.details)
+            event_ms = to_ms(record.event_time)
+            who = (
+                record.user,
+                record.model or details.get("model", ""),
+                details.get("template_name", ""),
+                details.get("template_version", ""),
             )
+            if record.request_id and record.stage not in NOT_REQUESTS:
+                who = self._remember(record.request_id, who)
+                requests.append((record.request_id, record.tenant, event_ms, *who))
+            cost = details.get("cost_nanos", "")
+            records.append(
+                (
+                    offset,
+                    record.seq,
+                    record.request_id,
+                    record.tenant,
+                    record.stage,
+                    event_ms,
+                    *who,
+                    details.get("finish_reason", "").removeprefix(FINISH_PREFIX).lower(),
+                    int(cost) if cost.lstrip("-").isdigit() else None,
+                    record.SerializeToString(),
+                )
+            )
+            entities.extend(
+                (key.removeprefix("entities."), offset, int(n))
+                for key, n in details.items()
+                if key.startswith("entities.") and n.isdigit()
+            )
+        with self._db:
+            before = self._db.total_changes
+            self._db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", records)
+            added = self._db.total_changes - before
+            self._db.executemany(
+                "INSERT INTO requests VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id) DO UPDATE SET "
+                "user = excluded.user, model = excluded.model, template = excluded.template, "
+                "template_version = excluded.template_version",
+                requests,
+            )
+            self._db.executemany("INSERT OR IGNORE INTO entities VALUES (?,?,?)", entities)
+        return added
+
+    def _remember(self, request_id: str, who: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+        """Merge what this record says about its request with what earlier records said."""
+        known = self._who.get(request_id)
+        if known is None:
+            row = self._db.execute(
+                "SELECT user, model, template, template_version FROM requests WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+            known = tuple(row) if row is not None else ("", "", "", "")
+        merged = (known[0] or who[0], known[1] or who[1], known[2] or who[2], known[3] or who[3])
+        self._who[request_id] = merged
+        self._who.move_to_end(request_id)
+        if len(self._who) > WHO_CACHE:
+            self._who.popitem(last=False)
+        return merged
+
+    def clear(self) -> None:
+        self._who.clear()
+        with self._db:
+            for table in ("records", "entities", "requests"):
+                self._db.execute(f"DELETE FROM {table}")
+
+    # -- reading ---------------------------------------------------------------------
 
     def next_offset(self) -> int:
         row = self._db.execute("SELECT MAX(topic_offset) FROM records").fetchone()
         return 0 if row[0] is None else int(row[0]) + 1
 
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
     def head(self) -> events_pb2.AuditRecord | None:
-        row = self._db.execute("SELECT body FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        """The last record in topic order: the writer appends after it."""
+        row = self._db.execute("SELECT body FROM records ORDER BY topic_offset DESC LIMIT 1").fetchone()
         return None if row is None else events_pb2.AuditRecord.FromString(row[0])
 
     def by_seq(self, seq: int) -> events_pb2.AuditRecord | None:
-        row = self._db.execute("SELECT body FROM records WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else events_pb2.AuditRecord.FromString(row[0])
+        found = self.offset_of_seq(seq)
+        return None if found is None else found[1]
 
-    def trail(self, request_id: str) -> list[events_pb2.AuditRecord]:
+    def offset_of_seq(self, seq: int) -> Row | None:
+        row = self._db.execute(
+            "SELECT topic_offset, body FROM records WHERE seq = ? ORDER BY topic_offset LIMIT 1", (seq,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), events_pb2.AuditRecord.FromString(row[1]))
+
+    def trail(self, request_id: str) -> list[Row]:
         rows = self._db.execute(
-            "SELECT body FROM records WHERE request_id = ? ORDER BY seq", (request_id,)
+            "SELECT topic_offset, body FROM records WHERE request_id = ? ORDER BY topic_offset", (request_id,)
         ).fetchall()
-        return [events_pb2.AuditRecord.FromString(row[0]) for row in rows]
+        return [(int(offset), events_pb2.AuditRecord.FromString(body)) for offset, body in rows]
+
+    def walk(self, from_offset: int = 0) -> Iterator[Row]:
+        """Every record from `from_offset` in topic order, streamed (constant memory)."""
+        cursor = self._db.execute(
+            "SELECT topic_offset, body FROM records WHERE topic_offset >= ? ORDER BY topic_offset",
+            (from_offset,),
+        )
+        for offset, body in cursor:
+            yield int(offset), events_pb2.AuditRecord.FromString(body)
+
+    def query(self, f: QueryFilter) -> tuple[list[Row], tuple[int, int] | None]:
+        """One page in (event time, offset) order, and the cursor of the next page if any."""
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("tenant", f.tenant),
+            ("user", f.user),
+            ("model", f.model),
+            ("template", f.template),
+            ("template_version", f.template_version),
+            ("stage", f.stage),
+            ("finish_reason", f.finish_reason),
+            ("request_id", f.request_id),
+        ):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        for clause, bound in (
+            ("event_ms >= ?", f.from_ms),
+            ("event_ms < ?", f.to_ms),
+            ("cost_nanos >= ?", f.min_cost_nanos),
+            ("cost_nanos <= ?", f.max_cost_nanos),
+        ):
+            if bound is not None:
+                where.append(clause)
+                args.append(bound)
+        if f.entity:
+            where.append(
+                "EXISTS (SELECT 1 FROM entities e"
+                " WHERE e.entity = ? AND e.topic_offset = records.topic_offset)"
+            )
+            args.append(f.entity)
+        if f.after is not None:
+            where.append("(event_ms, topic_offset) > (?, ?)")
+            args.extend(f.after)
+        sql = "SELECT event_ms, topic_offset, body FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY event_ms, topic_offset LIMIT ?"
+        rows = self._db.execute(sql, (*args, f.page_size + 1)).fetchall()
+        page = rows[: f.page_size]
+        more = len(rows) > f.page_size
+        cursor = (int(page[-1][0]), int(page[-1][1])) if more and page else None
+        return [(int(offset), events_pb2.AuditRecord.FromString(body)) for _, offset, body in page], cursor
+
+    def completeness(
+        self, tenant: str, from_ms: int | None, to_ms: int | None
+    ) -> tuple[int, list[Incomplete]]:
+        """Requests first seen in the range whose trail misses a stage it should have."""
+        where: list[str] = ["1 = 1"]
+        args: list[object] = []
+        if tenant:
+            where.append("q.tenant = ?")
+            args.append(tenant)
+        if from_ms is not None:
+            where.append("q.first_ms >= ?")
+            args.append(from_ms)
+        if to_ms is not None:
+            where.append("q.first_ms < ?")
+            args.append(to_ms)
+        rows = self._db.execute(
+            "SELECT q.request_id, q.tenant, q.first_ms, group_concat(DISTINCT r.stage) "
+            "FROM requests q JOIN records r ON r.request_id = q.request_id "
+            f"WHERE {' AND '.join(where)} GROUP BY q.request_id ORDER BY q.first_ms",
+            args,
+        ).fetchall()
+        missing: list[Incomplete] = []
+        for request_id, owner, first_ms, stages_csv in rows:
+            stages = sorted(set(stages_csv.split(",")))
+            gaps = _missing_stages(set(stages))
+            if gaps:
+                missing.append(Incomplete(request_id, owner, int(first_ms), stages, gaps))
+        return len(rows), missing
 
     def close(self) -> None:
         self._db.close()
+
+
+def _missing_stages(stages: set[str]) -> list[str]:
+    """A request must be completed once received (or dead-lettered), and charged once completed."""
+    gaps = []
+    if "received" in stages and "completed" not in stages and "dead_lettered" not in stages:
+        gaps.append("completed")
+    if "completed" in stages and "charged" not in stages:
+        gaps.append("charged")
+    return gaps

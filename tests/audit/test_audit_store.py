@@ -1,0 +1,167 @@
+"""The SQLite index on a real file: filters, paging, tampering, completeness."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.audit import chain
+from services.audit.filters import InvalidArgument
+from services.audit.service import walk_index
+from services.audit.store import AuditStore, QueryFilter
+from sluice.v1 import events_pb2
+
+T0 = 1_790_000_000_000  # ms
+
+
+def stamp(ms: int) -> str:
+    t = Timestamp()
+    t.FromMilliseconds(ms)
+    return t.ToJsonString()
+
+
+def lifecycle(
+    request_id: str, tenant: str, user: str, ms: int, *, charged: bool = True
+) -> list[events_pb2.AuditRecord]:
+    """The records a request leaves, as the writer makes them (user only on the first two)."""
+    r = events_pb2.AuditRecord
+    records = [
+        r(
+            request_id=request_id,
+            tenant=tenant,
+            stage="received",
+            user=user,
+            model="m1",
+            event_time=stamp(ms),
+        ),
+        r(
+            request_id=request_id,
+            tenant=tenant,
+            stage="redacted",
+            user=user,
+            event_time=stamp(ms + 1),
+            details={"entities.EMAIL_ADDRESS": "2"},
+        ),
+        r(
+            request_id=request_id,
+            tenant=tenant,
+            stage="assembled",
+            model="m1",
+            event_time=stamp(ms + 2),
+            details={"template_name": "support", "template_version": "3"},
+        ),
+        r(
+            request_id=request_id,
+            tenant=tenant,
+            stage="completed",
+            model="m1",
+            event_time=stamp(ms + 3),
+            details={"finish_reason": "FINISH_REASON_STOP"},
+        ),
+    ]
+    if charged:
+        records.append(
+            r(
+                request_id=request_id,
+                tenant=tenant,
+                stage="charged",
+                event_time=stamp(ms + 4),
+                details={"cost_nanos": "1500"},
+            )
+        )
+    return records
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AuditStore:
+    s = AuditStore(tmp_path / "index.sqlite")
+    prev, seq = chain.GENESIS, 0
+    batch = []
+    for i in range(20):
+        tenant = "acme" if i % 2 else "demo"
+        for record in lifecycle(f"req{i}", tenant, f"user{i % 3}", T0 + i * 1000, charged=i != 7):
+            seq += 1
+            chain.seal(record, seq, prev)
+            prev = record.hash
+            batch.append((seq - 1, record))
+    s.add_many(batch)
+    return s
+
+
+def ids(rows: list[tuple[int, events_pb2.AuditRecord]]) -> list[tuple[str, str]]:
+    return [(r.request_id, r.stage) for _, r in rows]
+
+
+def test_a_user_filter_finds_every_stage_of_that_users_requests(store: AuditStore) -> None:
+    rows, cursor = store.query(QueryFilter(tenant="demo", user="user1", page_size=100))
+    # Even requests are demo's; user1 is i % 3 == 1: requests 4, 10, 16.
+    assert {rid for rid, _ in ids(rows)} == {"req4", "req10", "req16"}
+    assert len(rows) == 15 and cursor is None
+
+
+def test_filters_combine_and_pages_follow_the_cursor(store: AuditStore) -> None:
+    f = QueryFilter(tenant="acme", from_ms=T0 + 3000, to_ms=T0 + 9000, stage="charged", page_size=1)
+    seen = []
+    after = None
+    while True:
+        rows, after = store.query(QueryFilter(**{**f.__dict__, "after": after}))
+        seen += ids(rows)
+        if after is None:
+            break
+    # acme = odd requests; 3, 5, 7 in range; 7 was never charged.
+    assert seen == [("req3", "charged"), ("req5", "charged")]
+
+
+def test_entity_template_finish_and_cost_filters(store: AuditStore) -> None:
+    assert len(store.query(QueryFilter(entity="EMAIL_ADDRESS", page_size=1000))[0]) == 20
+    assert store.query(QueryFilter(entity="PHONE_NUMBER"))[0] == []
+    templated = store.query(
+        QueryFilter(template="support", template_version="3", stage="charged", page_size=1000)
+    )
+    assert len(templated[0]) == 19
+    assert len(store.query(QueryFilter(finish_reason="stop", page_size=1000))[0]) == 20
+    assert store.query(QueryFilter(min_cost_nanos=1501))[0] == []
+    assert len(store.query(QueryFilter(min_cost_nanos=1500, max_cost_nanos=1500, page_size=1000))[0]) == 19
+
+
+def test_completeness_lists_the_request_never_charged(store: AuditStore) -> None:
+    checked, missing = store.completeness("", None, None)
+    assert checked == 20
+    assert [(m.request_id, m.missing) for m in missing] == [("req7", ["charged"])]
+    assert store.completeness("demo", None, None)[1] == []
+
+
+def test_an_edited_row_in_the_index_is_found_by_a_walk(store: AuditStore) -> None:
+    assert _walk(store).valid
+    with sqlite3.connect(store.path) as db:
+        body = db.execute("SELECT body FROM records WHERE seq = 42").fetchone()[0]
+        record = events_pb2.AuditRecord.FromString(body)
+        record.details["cost_nanos"] = "1"
+        db.execute("UPDATE records SET body = ? WHERE seq = 42", (record.SerializeToString(),))
+    walk = _walk(store)
+    assert (walk.valid, walk.broken_seq, walk.broken_offset) == (False, 42, 41)
+
+
+def test_clear_empties_the_index(store: AuditStore) -> None:
+    store.clear()
+    assert store.count() == 0 and store.next_offset() == 0 and store.head() is None
+
+
+def _walk(store: AuditStore) -> chain.ChainWalk:
+    walk = chain.ChainWalk()
+    walk.start_after(None)
+    for offset, record in store.walk():
+        if not walk.feed(record, offset):
+            break
+    return walk
+
+
+def test_a_range_walk_starts_after_its_predecessor_and_stops_at_to_seq(store: AuditStore) -> None:
+    walk = walk_index(store.path, 10, 20)
+    assert (walk.valid, walk.checked) == (True, 11)
+    assert walk.prev_hash == store.by_seq(20).hash  # type: ignore[union-attr]
+    with pytest.raises(InvalidArgument, match=r"^from_seq: no record seq=9999 to start after"):
+        walk_index(store.path, 10_000, 0)
