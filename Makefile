@@ -63,6 +63,30 @@ status: $(STAMP)
 clean: down
 	rm -rf .sluice
 
+# Prompt assembly on one core: 3-message template, 1,500-token context document.
+.PHONY: bench-prompts
+bench-prompts: $(STAMP)
+	$(PY) -m loadtest.bench_prompts
+BENCHES += bench-prompts
+
+# Audit: query latency over 1,000,000 indexed records; indexer records/s from Kafka on one core.
+.PHONY: bench-audit
+bench-audit: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_audit
+BENCHES += bench-audit
+
+# Redaction: precision/recall/F1 on tests/data, texts/s on one core, before/after, TTFT added.
+.PHONY: bench-redaction
+bench-redaction: $(STAMP)
+	taskset -c 0 $(PY) -m loadtest.bench_redaction
+BENCHES += bench-redaction
+
+# Metering: ledger entries/s with exactly-once (Kafka transactions) on one core.
+.PHONY: bench-metering
+bench-metering: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_metering
+BENCHES += bench-metering
+
 # Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
 # above this line and appends it to BENCHES; `make bench` runs them all.
 BENCHES ?=

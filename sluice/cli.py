@@ -20,14 +20,10 @@ from sluice.broker import BrokerError
 from sluice.config import SERVICES, ConfigError, Settings, load_settings
 from sluice.stack import Stack, StackError
 from sluice.v1 import (
-    audit_pb2,
-    audit_pb2_grpc,
     envelope_pb2,
     events_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
-    metering_pb2,
-    metering_pb2_grpc,
 )
 
 
@@ -158,12 +154,15 @@ def grpc_channel(settings: Settings, service: Any) -> grpc.Channel:
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    from sluice.cli_prompts import apply_generate_options
+
     request = gateway_pb2.GenerateRequest(
         model=args.model,
         messages=[envelope_pb2.ChatMessage(role="user", content=" ".join(args.prompt))],
         user=args.user,
         idempotency_key=args.idempotency_key,
     )
+    apply_generate_options(request, args)
     if args.system:
         request.messages.insert(0, envelope_pb2.ChatMessage(role="system", content=args.system))
     if args.max_tokens is not None:
@@ -204,47 +203,6 @@ def _finish_name(reason: events_pb2.FinishReason.ValueType) -> str | None:
     return events_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
-def cmd_audit_trail(settings: Settings, args: argparse.Namespace) -> int:
-    with grpc_channel(settings, "audit") as channel:
-        trail = audit_pb2_grpc.AuditStub(channel).GetTrail(
-            audit_pb2.GetTrailRequest(request_id=args.request_id)
-        )
-    if args.json:
-        print_json(
-            {
-                "request_id": args.request_id,
-                "chain_valid": trail.chain_valid,
-                "chain_error": trail.chain_error or None,
-                "records": [as_dict(r) for r in trail.records],
-            }
-        )
-    else:
-        for r in trail.records:
-            details = " ".join(f"{k}={v}" for k, v in sorted(r.details.items()))
-            print(f"{r.seq:>6}  {r.event_time}  {r.stage:<14} {details}")
-            print(f"        hash {r.hash[:16]}…  prev {r.prev_hash[:16]}…")
-        verdict = "valid" if trail.chain_valid else f"BROKEN: {trail.chain_error}"
-        print(f"hash chain: {verdict}")
-    return 0 if trail.chain_valid else 5
-
-
-def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
-    with grpc_channel(settings, "metering") as channel:
-        usage = metering_pb2_grpc.MeteringStub(channel).GetUsage(
-            metering_pb2.GetUsageRequest(tenant=args.tenant)
-        )
-    if args.json:
-        print_json({"rows": [as_dict(row) for row in usage.rows]})
-    else:
-        print(f"{'tenant':<12} {'model':<24} {'requests':>8} {'prompt':>8} {'output':>8}  cost")
-        for row in usage.rows:
-            print(
-                f"{row.tenant:<12} {row.model:<24} {row.requests:>8} {row.usage.prompt_tokens:>8} "
-                f"{row.usage.completion_tokens:>8}  {row.cost.amount} {row.cost.currency}"
-            )
-    return 0
-
-
 def cmd_keys_demo(settings: Settings, args: argparse.Namespace) -> int:
     key = demo_key(settings)
     if args.json:
@@ -274,7 +232,12 @@ class Commands:
 
 
 # Modules with a `register(commands: Commands) -> None`, one per area of the CLI.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = (
+    "sluice.cli_prompts",
+    "sluice.cli_audit",
+    "sluice.cli_redaction",
+    "sluice.cli_metering",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -296,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "run one service in the foreground")
     serve.add_argument("service", choices=SERVICES)
     gen = add("generate", cmd_generate, "stream an answer from the gateway")
-    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("prompt", nargs="*")
     gen.add_argument("--model", default="")
     gen.add_argument("--system", default="")
     gen.add_argument("--max-tokens", type=int)
@@ -304,11 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--user", default="")
     gen.add_argument("--idempotency-key", default="")
     gen.add_argument("--api-key", default="", help="defaults to the local demo tenant's key")
-    audit = commands.group("audit", "query the audit trail")
-    trail = add("trail", cmd_audit_trail, "show a request's hash-chained trail", into=audit)
-    trail.add_argument("request_id")
-    usage = add("usage", cmd_usage, "show usage and cost per tenant and model")
-    usage.add_argument("--tenant", default="")
+    importlib.import_module("sluice.cli_prompts").add_generate_options(gen)
     add(
         "demo",
         cmd_keys_demo,

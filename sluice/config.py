@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -91,7 +91,50 @@ class Settings(BaseSettings):
     token_flush_ms: int = Field(default=5, ge=0)
 
     redaction_score_threshold: float = Field(default=0.35, ge=0, le=1)
+    # --- redaction (issue 3): policies, limits, keys, output redaction ---
+    redaction_policies_file: Path = DEFAULTS_DIR / "policies.yaml"
+    redaction_max_text_bytes: int = Field(default=262144, gt=0)
+    # Analysis taking longer fails the request (DEADLINE_EXCEEDED), never forwards it.
+    redaction_deadline_s: float = Field(default=5.0, gt=0)
+    # base64 of 32 bytes; unset = <state_dir>/redaction-master.key (made on first use).
+    redaction_master_key: SecretStr | None = None
+    # Redact model output in the inference worker before it reaches sluice.tokens.v1.
+    output_redaction: bool = True
+    # Most characters the output redactor may hold back while an entity could continue.
+    output_redaction_holdback_chars: int = Field(default=64, ge=8)
     drain_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Audit area. A checkpoint record restates the chain head after this many records.
+    audit_checkpoint_every: int = Field(default=1000, ge=1)
+    # Base64 of the 32-byte key wrapping per-subject data keys; unset: generated once
+    # under <state_dir>/keys/audit-master.key.
+    audit_master_key: str | None = None
+    # Per-tenant policy (store_content); unset: <state_dir>/audit/policies.yaml.
+    audit_policies_file: Path | None = None
+    # Completeness check: every interval, the window ending `grace` ago.
+    audit_completeness_interval_s: float = Field(default=60.0, gt=0)
+    audit_completeness_window_s: float = Field(default=3600.0, gt=0)
+    audit_completeness_grace_s: float = Field(default=300.0, ge=0)
+    # Refuse Audit calls without an API key (otherwise such a call is an operator's: every tenant).
+    audit_require_auth: bool = False
+
+    # Prompts area: what to do when a prompt does not fit the model's context
+    # (reject, or drop oldest history turns then cut context documents), the
+    # fewest answer tokens a fitted prompt must leave, the render+tokenize LRU
+    # size, and how long a registry write waits to be read back.
+    prompts_fit_policy: Literal["reject", "truncate"] = "truncate"
+    prompts_min_output_tokens: int = Field(default=16, ge=1)
+    prompts_cache_size: int = Field(default=1024, ge=0)
+    prompts_registry_write_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Metering area: how far back (and how many) charges the pricer reads from the
+    # ledger at start-up to refuse charging a re-sent completion twice; records per
+    # ledger transaction; how often the budget stream commits (bounds how soon a
+    # crossed hard budget reaches the gateways).
+    metering_dedupe_window_s: float = Field(default=86400.0, ge=0)
+    metering_dedupe_capacity: int = Field(default=1_000_000, ge=1000)
+    metering_transaction_records: int = Field(default=500, ge=1)
+    metering_budget_commit_s: float = Field(default=0.1, gt=0)
 
     @field_validator("state_dir")
     @classmethod

@@ -121,6 +121,13 @@ class Output:
     event: Message
     key: str
     partition: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+# A record may carry this header when one attempt legitimately has several events on
+# one topic (e.g. a ledger charge and its later re-pricing corrections): its value
+# joins the dedupe key, so consumers keep them apart instead of dropping them.
+ENTRY_HEADER = "sluice-entry"
 
 
 @dataclass
@@ -128,15 +135,15 @@ class RecentKeys:
     """Bounded memory of handled (topic, request_id, attempt) to drop redeliveries."""
 
     capacity: int = 100_000
-    _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
+    _seen: OrderedDict[tuple[str, str, int, str], None] = field(default_factory=OrderedDict)
 
-    def seen(self, key: tuple[str, str, int]) -> bool:
+    def seen(self, key: tuple[str, str, int, str]) -> bool:
         if key in self._seen:
             self._seen.move_to_end(key)
             return True
         return False
 
-    def remember(self, key: tuple[str, str, int]) -> None:
+    def remember(self, key: tuple[str, str, int, str]) -> None:
         self._seen[key] = None
         if len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
@@ -177,7 +184,13 @@ class EventConsumer:
     bootstrap: str
     producer: AIOKafkaProducer
     transactional: bool = False
+    # With `transactional`: one transaction per poll (up to `max_records` records) instead of
+    # one per record, for consumers whose throughput matters (the metering ledger).
+    batch_transactions: bool = False
+    max_records: int = 100
     _consumer: AIOKafkaConsumer | None = None
+    _pending: list[Output] = field(default_factory=list)
+    _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     _recent: RecentKeys = field(default_factory=RecentKeys)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -187,12 +200,14 @@ class EventConsumer:
         log.info("consuming", group=self.group_id, topics=list(self.topics))
         try:
             while not self._stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=100)
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
                 # Across partitions, handle in event-time order (each partition's order kept),
                 # so a request's stages are seen in the order they happened.
                 for record in heapq.merge(*batches.values(), key=lambda r: r.timestamp):
                     await self._handle(record)
                     await self._commit(TopicPartition(record.topic, record.partition), record.offset + 1)
+                if self._pending_offsets:
+                    await with_backoff("produce", self.service, self._produce_batch)
         finally:
             await consumer.stop()
 
@@ -230,8 +245,7 @@ class EventConsumer:
                     envelopes.validate(env)
                 except ValueError as exc:
                     raise BadEvent(str(exc)) from None
-                dedupe_key = (record.topic, env.request_id, env.attempt)
-                if self._recent.seen(dedupe_key):
+                if self._recent.seen(dedupe_key(record, env)):
                     metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
                     log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
                     return
@@ -250,7 +264,7 @@ class EventConsumer:
         await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
         env = getattr(event, "envelope", None)
         if env is not None and env.request_id:
-            self._recent.remember((record.topic, env.request_id, env.attempt))
+            self._recent.remember(dedupe_key(record, env))
         metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()
         metrics.HANDLER_SECONDS.labels(self.service, record.topic).observe(time.perf_counter() - started)
 
@@ -291,7 +305,10 @@ class EventConsumer:
         return outputs
 
     async def _produce(self, outputs: Sequence[Output], record: ConsumerRecord[bytes, bytes]) -> None:
-        if self.transactional:
+        if self.transactional and self.batch_transactions:
+            self._pending.extend(outputs)  # produced with the rest of the poll in `_produce_batch`
+            self._pending_offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        elif self.transactional:
             async with self.producer.transaction():
                 await self._send_all(outputs)
                 tp = TopicPartition(record.topic, record.partition)
@@ -299,10 +316,22 @@ class EventConsumer:
         else:
             await self._send_all(outputs)
 
+    async def _produce_batch(self) -> None:
+        """One transaction for a whole poll: every output and every input offset, or none."""
+        async with self.producer.transaction():
+            await self._send_all(self._pending)
+            await self.producer.send_offsets_to_transaction(self._pending_offsets, self.group_id)
+        self._pending.clear()
+        self._pending_offsets.clear()
+
     async def _send_all(self, outputs: Sequence[Output]) -> None:
         pending = [
             await self.producer.send(
-                o.topic, o.event.SerializeToString(), key=o.key.encode(), partition=o.partition
+                o.topic,
+                o.event.SerializeToString(),
+                key=o.key.encode(),
+                partition=o.partition,
+                headers=list(o.headers) or None,
             )
             for o in outputs
         ]
@@ -319,13 +348,27 @@ class EventConsumer:
 
 async def send(producer: AIOKafkaProducer, service: str, output: Output) -> None:
     await producer.send_and_wait(
-        output.topic, output.event.SerializeToString(), key=output.key.encode(), partition=output.partition
+        output.topic,
+        output.event.SerializeToString(),
+        key=output.key.encode(),
+        partition=output.partition,
+        headers=list(output.headers) or None,
     )
     metrics.EVENTS_PRODUCED.labels(service, output.topic).inc()
 
 
 def _content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
+    return _header(record, "content-type")
+
+
+def _header(record: ConsumerRecord[bytes, bytes], wanted: str) -> bytes | None:
     for name, value in record.headers or ():
-        if name.lower() == "content-type":
+        if name.lower() == wanted:
             return bytes(value)
     return None
+
+
+def dedupe_key(record: ConsumerRecord[bytes, bytes], env: Any) -> tuple[str, str, int, str]:
+    """What identifies one event for redelivery checks: topic, request, attempt (and entry)."""
+    entry = _header(record, ENTRY_HEADER) or b""
+    return (record.topic, env.request_id, env.attempt, entry.decode(errors="replace"))

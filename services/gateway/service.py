@@ -12,8 +12,11 @@ import grpc
 import structlog
 
 from services.gateway.auth import KeyStore, ensure_demo_key
+from services.gateway.budgets import BudgetGuard
+from services.gateway.pseudonyms import Restoration
 from services.gateway.replies import ReplyRouter
 from services.gateway.validation import Invalid, ValidRequest, validate
+from services.redaction.vault import Keyring, keyring_from_settings
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import Output, send
@@ -40,6 +43,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     keys: KeyStore
     replies: ReplyRouter
     runtime: Runtime | None = None
+    keyring: Keyring | None = None  # opens sealed pseudonyms for the caller
+    budgets: BudgetGuard | None = None  # hard budgets and rate limits (metering area)
     # Finished idempotent requests, replayed instead of re-run.
     _replays: OrderedDict[str, list[gateway_pb2.GenerateResponse]] = field(default_factory=OrderedDict)
 
@@ -80,15 +85,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 "idempotency_key: a request with this key is still in progress",
             )
+        key_id = await self.budgets.enforce(context, tenant) if self.budgets else ""
         queue = self.replies.register(request_id)
         sent: list[gateway_pb2.GenerateResponse] = []
         try:
-            await send(runtime.producer, "gateway", self._requested(request, valid, tenant, request_id))
+            requested = self._requested(request, valid, tenant, request_id)
+            requested.event.key_id = key_id  # type: ignore[attr-defined]  # a GenerationRequested
+            await send(runtime.producer, "gateway", requested)
             log.info("request published", model=valid.model, messages=len(request.messages))
             first = gateway_pb2.GenerateResponse(request_id=request_id, model=valid.model)
             sent.append(first)
             yield first
-            async for response in self._stream(queue, request_id, context):
+            restore = Restoration(self.keyring, tenant, request_id)
+            async for response in self._stream(queue, request_id, context, restore):
                 sent.append(response)
                 yield response
         finally:
@@ -113,6 +122,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             user=request.user,
             idempotency_key=request.idempotency_key,
             reply_to=envelope_pb2.ReplyTo(topic=TOKENS, partition=self.replies.partition),
+            template=request.template if request.HasField("template") else None,
+            variables=request.variables,
+            context=request.context,
+            max_tokens_defaulted=not request.HasField("max_tokens"),
         )
         return Output(REQUESTS, event, request_id)
 
@@ -121,6 +134,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         queue: asyncio.Queue[events_pb2.ReplyEvent],
         request_id: str,
         context: Context,
+        restore: Restoration,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         finished: events_pb2.StreamFinished | None = None
         cost: envelope_pb2.Cost | None = None
@@ -139,8 +153,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 # A re-run attempt restarts at seq 0: never show the caller a chunk twice.
                 if event.chunk.seq >= next_seq:
                     next_seq = event.chunk.seq + 1
-                    if event.chunk.delta:
-                        yield gateway_pb2.GenerateResponse(request_id=request_id, delta=event.chunk.delta)
+                    delta = restore.push(event.chunk.delta)
+                    if delta:
+                        yield gateway_pb2.GenerateResponse(request_id=request_id, delta=delta)
+            elif kind == "pseudonyms":
+                restore.open(event.pseudonyms)
             elif kind == "finished":
                 finished = event.finished
             elif kind == "charged":
@@ -150,6 +167,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 log.warning("request failed downstream", stage=event.failed.stage, code=event.failed.code)
                 await context.abort(code, event.failed.message)
         assert finished is not None
+        tail = restore.finish()
+        if tail:
+            yield gateway_pb2.GenerateResponse(request_id=request_id, delta=tail)
         yield gateway_pb2.GenerateResponse(
             request_id=request_id, finish_reason=finished.finish_reason, usage=finished.usage, cost=cost
         )
@@ -185,6 +205,8 @@ class GatewayService(Service):
         ensure_demo_key(settings.state_dir)
         self.replies = ReplyRouter(settings.bootstrap, settings.gateway_reply_partition)
         self.servicer = GatewayServicer(settings, KeyStore.load(settings.state_dir), self.replies)
+        self.servicer.keyring = keyring_from_settings(settings)
+        self.servicer.budgets = BudgetGuard(settings.bootstrap)
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
@@ -198,8 +220,11 @@ class GatewayService(Service):
     async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
         self.servicer.runtime = runtime
         task = asyncio.create_task(self.replies.run(), name="replies")
+        assert self.servicer.budgets is not None
+        budgets = asyncio.create_task(self.servicer.budgets.run(), name="budgets")
         await self.replies.ready.wait()
-        return [task]
+        await self.servicer.budgets.ready.wait()
+        return [task, budgets]
 
 
 def build(settings: Settings) -> Service:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.gateway.templating import template_problem
 from sluice.config import ModelCatalog
 from sluice.v1 import gateway_pb2
 
@@ -36,7 +37,10 @@ def validate(request: gateway_pb2.GenerateRequest, catalog: ModelCatalog) -> Val
     if model is None:
         known = ", ".join(sorted(catalog.models))
         raise Invalid(grpc.StatusCode.NOT_FOUND, f"model: unknown model {request.model!r} (known: {known})")
-    if not request.messages:
+    problem = template_problem(request)
+    if problem:
+        raise Invalid(bad, problem)
+    if not request.messages and not request.HasField("template"):
         raise Invalid(bad, "messages: at least one message is required")
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.inference.llamacpp_engine import LlamaCppEngine
+from services.redaction.boundary import Boundary, load_output_boundary, redact_chunk, stream_redactor_for
+from services.redaction.streaming import StreamRedactor
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output
@@ -48,6 +50,8 @@ class ChunkWriter:
     _tokens: int = 0
     _since: float = field(default_factory=time.monotonic)
     _pending: list[asyncio.Future[object]] = field(default_factory=list)
+    # Output redaction: model text reaches sluice.tokens.v1 only through this.
+    redactor: StreamRedactor | None = None
 
     async def add(self, text: str, tokens: int) -> None:
         self._text.append(text)
@@ -55,8 +59,10 @@ class ChunkWriter:
         if self._tokens >= self.max_tokens or time.monotonic() - self._since >= self.max_delay_s:
             await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, final: bool = False) -> None:
         delta = "".join(self._text)
+        if self.redactor is not None:
+            delta = await asyncio.to_thread(redact_chunk, self.redactor, delta, final)
         if not delta and not self._tokens:
             return
         reply_to = self.event.reply_to
@@ -79,7 +85,7 @@ class ChunkWriter:
         self._since = time.monotonic()
 
     async def close(self) -> None:
-        await self.flush()
+        await self.flush(final=True)
         for future in self._pending:
             await future
 
@@ -108,8 +114,10 @@ class InferenceService(Service):
         self.name = "inference"
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.engines: dict[str, LlamaCppEngine] = {}
+        self.output_boundary: Boundary | None = None
 
     async def prepare(self) -> None:
+        self.output_boundary = await load_output_boundary(self.settings)
         for name, spec in self.settings.catalog.models.items():
             self.engines[name] = await asyncio.to_thread(
                 LlamaCppEngine,
@@ -156,7 +164,11 @@ class InferenceService(Service):
         except ValueError as exc:
             raise BadEvent(f"params: {exc}") from None
         writer = ChunkWriter(
-            self.producer, event, self.settings.token_flush_tokens, self.settings.token_flush_ms / 1000
+            self.producer,
+            event,
+            self.settings.token_flush_tokens,
+            self.settings.token_flush_ms / 1000,
+            redactor=stream_redactor_for(self.output_boundary, event.envelope.tenant, self.settings),
         )
         started = time.monotonic()
         first_token: float | None = None

@@ -6,7 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +20,86 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ContentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTENT_STATE_UNSPECIFIED: _ContentState.ValueType  # 0
+    CONTENT_STATE_NONE: _ContentState.ValueType  # 1
+    """The tenant's policy did not store content for this record."""
+    CONTENT_STATE_READABLE: _ContentState.ValueType  # 2
+    CONTENT_STATE_ERASED: _ContentState.ValueType  # 3
+    """The subject was erased: the data key is gone."""
+
+class ContentState(_ContentState, metaclass=_ContentStateEnumTypeWrapper): ...
+
+CONTENT_STATE_UNSPECIFIED: ContentState.ValueType  # 0
+CONTENT_STATE_NONE: ContentState.ValueType  # 1
+"""The tenant's policy did not store content for this record."""
+CONTENT_STATE_READABLE: ContentState.ValueType  # 2
+CONTENT_STATE_ERASED: ContentState.ValueType  # 3
+"""The subject was erased: the data key is gone."""
+Global___ContentState: _TypeAlias = ContentState  # noqa: Y015
+
+class _VerifySource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerifySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerifySource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERIFY_SOURCE_UNSPECIFIED: _VerifySource.ValueType  # 0
+    VERIFY_SOURCE_INDEX: _VerifySource.ValueType  # 1
+    """The SQLite index (the default)."""
+    VERIFY_SOURCE_TOPIC: _VerifySource.ValueType  # 2
+    """sluice.audit.v1 itself, read from the start."""
+
+class VerifySource(_VerifySource, metaclass=_VerifySourceEnumTypeWrapper): ...
+
+VERIFY_SOURCE_UNSPECIFIED: VerifySource.ValueType  # 0
+VERIFY_SOURCE_INDEX: VerifySource.ValueType  # 1
+"""The SQLite index (the default)."""
+VERIFY_SOURCE_TOPIC: VerifySource.ValueType  # 2
+"""sluice.audit.v1 itself, read from the start."""
+Global___VerifySource: _TypeAlias = VerifySource  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """A record as stored, plus where it sits in the topic and its content if readable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    CONTENT_STATE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    timestamp_ms: _builtins.int
+    """Kafka timestamp of the record on sluice.audit.v1 (ms since the epoch); 0 from the index."""
+    content_state: Global___ContentState.ValueType
+    content: _builtins.str
+    """The redacted prompt, decrypted; empty unless content_state is READABLE."""
+    @_builtins.property
+    def record(self) -> _events_pb2.AuditRecord: ...
+    def __init__(
+        self,
+        *,
+        record: _events_pb2.AuditRecord | None = ...,
+        offset: _builtins.int = ...,
+        timestamp_ms: _builtins.int = ...,
+        content_state: Global___ContentState.ValueType = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_state", b"content_state", "offset", b"offset", "record", b"record", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
 
 @_typing.final
 class GetTrailRequest(_message.Message):
@@ -45,22 +127,418 @@ class GetTrailResponse(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     CHAIN_VALID_FIELD_NUMBER: _builtins.int
     CHAIN_ERROR_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
     chain_valid: _builtins.bool
     """Every record's hash recomputes and links to its predecessor."""
     chain_error: _builtins.str
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.AuditRecord]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]: ...
     def __init__(
         self,
         *,
         records: _abc.Iterable[_events_pb2.AuditRecord] | None = ...,
         chain_valid: _builtins.bool = ...,
         chain_error: _builtins.str = ...,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_error", b"chain_error", "chain_valid", b"chain_valid", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_error", b"chain_error", "chain_valid", b"chain_valid", "entries", b"entries", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTrailResponse: _TypeAlias = GetTrailResponse  # noqa: Y015
+
+@_typing.final
+class QueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    ENTITY_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    MIN_COST_NANOS_FIELD_NUMBER: _builtins.int
+    MAX_COST_NANOS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    user: _builtins.str
+    model: _builtins.str
+    template: _builtins.str
+    template_version: _builtins.str
+    entity: _builtins.str
+    """PII entity type, e.g. EMAIL_ADDRESS."""
+    stage: _builtins.str
+    """Event type: received, redacted, assembled, completed, charged, ..."""
+    finish_reason: _builtins.str
+    """e.g. stop, length, error, cancelled."""
+    min_cost_nanos: _builtins.int
+    max_cost_nanos: _builtins.int
+    request_id: _builtins.str
+    page_size: _builtins.int
+    """1..1000; 0 means 100."""
+    page_token: _builtins.str
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Event time range, inclusive `from_time`, exclusive `to_time`."""
+
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+        user: _builtins.str = ...,
+        model: _builtins.str = ...,
+        template: _builtins.str = ...,
+        template_version: _builtins.str = ...,
+        entity: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        finish_reason: _builtins.str = ...,
+        min_cost_nanos: _builtins.int | None = ...,
+        max_cost_nanos: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cost_nanos", b"_max_cost_nanos", "_min_cost_nanos", b"_min_cost_nanos", "from_time", b"from_time", "max_cost_nanos", b"max_cost_nanos", "min_cost_nanos", b"min_cost_nanos", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cost_nanos", b"_max_cost_nanos", "_min_cost_nanos", b"_min_cost_nanos", "entity", b"entity", "finish_reason", b"finish_reason", "from_time", b"from_time", "max_cost_nanos", b"max_cost_nanos", "min_cost_nanos", b"min_cost_nanos", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "stage", b"stage", "template", b"template", "template_version", b"template_version", "tenant", b"tenant", "to_time", b"to_time", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_cost_nanos: _TypeAlias = _typing.Literal["max_cost_nanos"]  # noqa: Y015
+    _WhichOneofArgType__max_cost_nanos: _TypeAlias = _typing.Literal["_max_cost_nanos", b"_max_cost_nanos"]  # noqa: Y015
+    _WhichOneofReturnType__min_cost_nanos: _TypeAlias = _typing.Literal["min_cost_nanos"]  # noqa: Y015
+    _WhichOneofArgType__min_cost_nanos: _TypeAlias = _typing.Literal["_min_cost_nanos", b"_min_cost_nanos"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_cost_nanos) -> _WhichOneofReturnType__max_cost_nanos | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_cost_nanos) -> _WhichOneofReturnType__min_cost_nanos | None: ...
+
+Global___QueryRequest: _TypeAlias = QueryRequest  # noqa: Y015
+
+@_typing.final
+class QueryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryResponse: _TypeAlias = QueryResponse  # noqa: Y015
+
+@_typing.final
+class ReplayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    from_offset: _builtins.int
+    tenant: _builtins.str
+    stage: _builtins.str
+    request_id: _builtins.str
+    user: _builtins.str
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Start at the first record stamped at or after `from_time`, or at `from_offset`."""
+
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp:
+        """Stop before the first record stamped at or after `to_time` (default: the end at call time)."""
+
+    def __init__(
+        self,
+        *,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        from_offset: _builtins.int | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        user: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset", "from_offset", b"from_offset", "from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset", "from_offset", b"from_offset", "from_time", b"from_time", "request_id", b"request_id", "stage", b"stage", "tenant", b"tenant", "to_time", b"to_time", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__from_offset: _TypeAlias = _typing.Literal["from_offset"]  # noqa: Y015
+    _WhichOneofArgType__from_offset: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__from_offset) -> _WhichOneofReturnType__from_offset | None: ...
+
+Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
+
+@_typing.final
+class ReplayResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___AuditEntry: ...
+    def __init__(
+        self,
+        *,
+        entry: Global___AuditEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayResponse: _TypeAlias = ReplayResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_SEQ_FIELD_NUMBER: _builtins.int
+    TO_SEQ_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    from_seq: _builtins.int
+    """Sequence range, inclusive; 0 means from the first / to the last."""
+    to_seq: _builtins.int
+    source: Global___VerifySource.ValueType
+    def __init__(
+        self,
+        *,
+        from_seq: _builtins.int = ...,
+        to_seq: _builtins.int = ...,
+        source: Global___VerifySource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_seq", b"from_seq", "source", b"source", "to_seq", b"to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_FIELD_NUMBER: _builtins.int
+    RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _builtins.int
+    BROKEN_SEQ_FIELD_NUMBER: _builtins.int
+    BROKEN_OFFSET_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    valid: _builtins.bool
+    records_checked: _builtins.int
+    checkpoints_checked: _builtins.int
+    broken_seq: _builtins.int
+    """The first broken link (only when not valid)."""
+    broken_offset: _builtins.int
+    error: _builtins.str
+    head_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        valid: _builtins.bool = ...,
+        records_checked: _builtins.int = ...,
+        checkpoints_checked: _builtins.int = ...,
+        broken_seq: _builtins.int = ...,
+        broken_offset: _builtins.int = ...,
+        error: _builtins.str = ...,
+        head_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken_offset", b"broken_offset", "broken_seq", b"broken_seq", "checkpoints_checked", b"checkpoints_checked", "error", b"error", "head_hash", b"head_hash", "records_checked", b"records_checked", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class CheckCompletenessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "tenant", b"tenant", "to_time", b"to_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCompletenessRequest: _TypeAlias = CheckCompletenessRequest  # noqa: Y015
+
+@_typing.final
+class IncompleteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    tenant: _builtins.str
+    first_event_time: _builtins.str
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        stages: _abc.Iterable[_builtins.str] | None = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+        first_event_time: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_event_time", b"first_event_time", "missing", b"missing", "request_id", b"request_id", "stages", b"stages", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncompleteRequest: _TypeAlias = IncompleteRequest  # noqa: Y015
+
+@_typing.final
+class CheckCompletenessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_CHECKED_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
+    requests_checked: _builtins.int
+    @_builtins.property
+    def incomplete(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncompleteRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests_checked: _builtins.int = ...,
+        incomplete: _abc.Iterable[Global___IncompleteRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incomplete", b"incomplete", "requests_checked", b"requests_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCompletenessResponse: _TypeAlias = CheckCompletenessResponse  # noqa: Y015
+
+@_typing.final
+class EraseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    subject: _builtins.str
+    """End-user id, as sent in the request's `user` field."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseRequest: _TypeAlias = EraseRequest  # noqa: Y015
+
+@_typing.final
+class EraseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HAD_KEY_FIELD_NUMBER: _builtins.int
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    had_key: _builtins.bool
+    """False for a subject with no data key (the erasure is still recorded)."""
+    erasure_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        had_key: _builtins.bool = ...,
+        erasure_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_id", b"erasure_id", "had_key", b"had_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseResponse: _TypeAlias = EraseResponse  # noqa: Y015
+
+@_typing.final
+class ReindexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReindexRequest: _TypeAlias = ReindexRequest  # noqa: Y015
+
+@_typing.final
+class ReindexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    def __init__(
+        self,
+        *,
+        records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReindexResponse: _TypeAlias = ReindexResponse  # noqa: Y015

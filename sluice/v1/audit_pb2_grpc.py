@@ -40,6 +40,36 @@ class AuditStub:
                 request_serializer=sluice_dot_v1_dot_audit__pb2.GetTrailRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_audit__pb2.GetTrailResponse.FromString,
                 _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/sluice.v1.Audit/Query',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.QueryResponse.FromString,
+                _registered_method=True)
+        self.Replay = channel.unary_stream(
+                '/sluice.v1.Audit/Replay',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.ReplayResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/sluice.v1.Audit/Verify',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.CheckCompleteness = channel.unary_unary(
+                '/sluice.v1.Audit/CheckCompleteness',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.CheckCompletenessRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.CheckCompletenessResponse.FromString,
+                _registered_method=True)
+        self.Erase = channel.unary_unary(
+                '/sluice.v1.Audit/Erase',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.EraseRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.EraseResponse.FromString,
+                _registered_method=True)
+        self.Reindex = channel.unary_unary(
+                '/sluice.v1.Audit/Reindex',
+                request_serializer=sluice_dot_v1_dot_audit__pb2.ReindexRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_audit__pb2.ReindexResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -52,6 +82,48 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Query(self, request, context):
+        """Records from the index matching every filter given, in event-time order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replay(self, request, context):
+        """Records straight from sluice.audit.v1, found by timestamp or offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Recomputes the chain over a range and names the first broken link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckCompleteness(self, request, context):
+        """Requests whose trail misses a stage (received but never completed, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Erase(self, request, context):
+        """Destroys a subject's data key (crypto-shredding) and records the erasure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reindex(self, request, context):
+        """Drops the index and rebuilds it from the topic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +131,36 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.GetTrail,
                     request_deserializer=sluice_dot_v1_dot_audit__pb2.GetTrailRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_audit__pb2.GetTrailResponse.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.QueryRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.QueryResponse.SerializeToString,
+            ),
+            'Replay': grpc.unary_stream_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.ReplayRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.ReplayResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.VerifyRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.VerifyResponse.SerializeToString,
+            ),
+            'CheckCompleteness': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckCompleteness,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.CheckCompletenessRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.CheckCompletenessResponse.SerializeToString,
+            ),
+            'Erase': grpc.unary_unary_rpc_method_handler(
+                    servicer.Erase,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.EraseRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.EraseResponse.SerializeToString,
+            ),
+            'Reindex': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reindex,
+                    request_deserializer=sluice_dot_v1_dot_audit__pb2.ReindexRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_audit__pb2.ReindexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +191,168 @@ class Audit:
             '/sluice.v1.Audit/GetTrail',
             sluice_dot_v1_dot_audit__pb2.GetTrailRequest.SerializeToString,
             sluice_dot_v1_dot_audit__pb2.GetTrailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Audit/Query',
+            sluice_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.Audit/Replay',
+            sluice_dot_v1_dot_audit__pb2.ReplayRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.ReplayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Audit/Verify',
+            sluice_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckCompleteness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Audit/CheckCompleteness',
+            sluice_dot_v1_dot_audit__pb2.CheckCompletenessRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.CheckCompletenessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Erase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Audit/Erase',
+            sluice_dot_v1_dot_audit__pb2.EraseRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.EraseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reindex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Audit/Reindex',
+            sluice_dot_v1_dot_audit__pb2.ReindexRequest.SerializeToString,
+            sluice_dot_v1_dot_audit__pb2.ReindexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,18 @@ class AuditStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuditAsyncStub: ...
     GetTrail: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetTrailRequest, _audit_pb2.GetTrailResponse]
+    Query: _grpc.UnaryUnaryMultiCallable[_audit_pb2.QueryRequest, _audit_pb2.QueryResponse]
+    """Records from the index matching every filter given, in event-time order."""
+    Replay: _grpc.UnaryStreamMultiCallable[_audit_pb2.ReplayRequest, _audit_pb2.ReplayResponse]
+    """Records straight from sluice.audit.v1, found by timestamp or offset."""
+    Verify: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyRequest, _audit_pb2.VerifyResponse]
+    """Recomputes the chain over a range and names the first broken link."""
+    CheckCompleteness: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CheckCompletenessRequest, _audit_pb2.CheckCompletenessResponse]
+    """Requests whose trail misses a stage (received but never completed, ...)."""
+    Erase: _grpc.UnaryUnaryMultiCallable[_audit_pb2.EraseRequest, _audit_pb2.EraseResponse]
+    """Destroys a subject's data key (crypto-shredding) and records the erasure."""
+    Reindex: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ReindexRequest, _audit_pb2.ReindexResponse]
+    """Drops the index and rebuilds it from the topic."""
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -41,6 +53,18 @@ class AuditAsyncStub(AuditStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetTrail: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetTrailRequest, _audit_pb2.GetTrailResponse]  # type: ignore[assignment]
+    Query: _aio.UnaryUnaryMultiCallable[_audit_pb2.QueryRequest, _audit_pb2.QueryResponse]  # type: ignore[assignment]
+    """Records from the index matching every filter given, in event-time order."""
+    Replay: _aio.UnaryStreamMultiCallable[_audit_pb2.ReplayRequest, _audit_pb2.ReplayResponse]  # type: ignore[assignment]
+    """Records straight from sluice.audit.v1, found by timestamp or offset."""
+    Verify: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyRequest, _audit_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Recomputes the chain over a range and names the first broken link."""
+    CheckCompleteness: _aio.UnaryUnaryMultiCallable[_audit_pb2.CheckCompletenessRequest, _audit_pb2.CheckCompletenessResponse]  # type: ignore[assignment]
+    """Requests whose trail misses a stage (received but never completed, ...)."""
+    Erase: _aio.UnaryUnaryMultiCallable[_audit_pb2.EraseRequest, _audit_pb2.EraseResponse]  # type: ignore[assignment]
+    """Destroys a subject's data key (crypto-shredding) and records the erasure."""
+    Reindex: _aio.UnaryUnaryMultiCallable[_audit_pb2.ReindexRequest, _audit_pb2.ReindexResponse]  # type: ignore[assignment]
+    """Drops the index and rebuilds it from the topic."""
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     """Audit answers compliance questions from the hash-chained trail."""
@@ -51,5 +75,53 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.GetTrailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.GetTrailResponse, _abc.Awaitable[_audit_pb2.GetTrailResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Query(
+        self,
+        request: _audit_pb2.QueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.QueryResponse, _abc.Awaitable[_audit_pb2.QueryResponse]]:
+        """Records from the index matching every filter given, in event-time order."""
+
+    @_abc_1.abstractmethod
+    def Replay(
+        self,
+        request: _audit_pb2.ReplayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.ReplayResponse], _abc.AsyncIterator[_audit_pb2.ReplayResponse]]:
+        """Records straight from sluice.audit.v1, found by timestamp or offset."""
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _audit_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.VerifyResponse, _abc.Awaitable[_audit_pb2.VerifyResponse]]:
+        """Recomputes the chain over a range and names the first broken link."""
+
+    @_abc_1.abstractmethod
+    def CheckCompleteness(
+        self,
+        request: _audit_pb2.CheckCompletenessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.CheckCompletenessResponse, _abc.Awaitable[_audit_pb2.CheckCompletenessResponse]]:
+        """Requests whose trail misses a stage (received but never completed, ...)."""
+
+    @_abc_1.abstractmethod
+    def Erase(
+        self,
+        request: _audit_pb2.EraseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.EraseResponse, _abc.Awaitable[_audit_pb2.EraseResponse]]:
+        """Destroys a subject's data key (crypto-shredding) and records the erasure."""
+
+    @_abc_1.abstractmethod
+    def Reindex(
+        self,
+        request: _audit_pb2.ReindexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ReindexResponse, _abc.Awaitable[_audit_pb2.ReindexResponse]]:
+        """Drops the index and rebuilds it from the topic."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,9 +6,13 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from sluice.v1 import billing_pb2 as _billing_pb2
 from sluice.v1 import envelope_pb2 as _envelope_pb2
+from sluice.v1 import privacy_pb2 as _privacy_pb2
+from sluice.v1 import templates_pb2 as _templates_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -78,6 +82,26 @@ class GenerationRequested(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENVELOPE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
@@ -85,10 +109,21 @@ class GenerationRequested(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     user: _builtins.str
     """End-user id as given by the caller."""
     idempotency_key: _builtins.str
+    max_tokens_defaulted: _builtins.bool
+    """True when the caller left max_tokens unset, so a template default may apply."""
+    key_id: _builtins.str
+    """Metering area (40-49): first 12 hex digits of the SHA-256 of the caller's
+    API key, so usage can be grouped and limited per key without the key.
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -97,6 +132,18 @@ class GenerationRequested(_message.Message):
     def params(self) -> Global___GenerationParams: ...
     @_builtins.property
     def reply_to(self) -> _envelope_pb2.ReplyTo: ...
+    @_builtins.property
+    def template(self) -> _templates_pb2.TemplateRef:
+        """Prompt template (fields 30-39: prompts area). With `template` set,
+        `messages` are the conversation history.
+        """
+
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Context documents (RAG) a template can reference as `documents`."""
+
     def __init__(
         self,
         *,
@@ -107,10 +154,15 @@ class GenerationRequested(_message.Message):
         user: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         reply_to: _envelope_pb2.ReplyTo | None = ...,
+        template: _templates_pb2.TemplateRef | None = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        context: _abc.Iterable[_builtins.str] | None = ...,
+        max_tokens_defaulted: _builtins.bool = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "idempotency_key", b"idempotency_key", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "envelope", b"envelope", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -142,6 +194,26 @@ class RequestRedacted(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENVELOPE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
@@ -150,9 +222,15 @@ class RequestRedacted(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     ENTITY_COUNTS_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     user: _builtins.str
     policy_version: _builtins.str
+    max_tokens_defaulted: _builtins.bool
+    """True when the caller left max_tokens unset, so a template default may apply."""
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -165,6 +243,16 @@ class RequestRedacted(_message.Message):
     def entity_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Entity type to number of findings, e.g. EMAIL_ADDRESS -> 1."""
 
+    @_builtins.property
+    def template(self) -> _templates_pb2.TemplateRef:
+        """Prompt template (prompts area, 30-39); variables and context are redacted."""
+
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Context documents (RAG) a template can reference as `documents`."""
+
     def __init__(
         self,
         *,
@@ -176,10 +264,14 @@ class RequestRedacted(_message.Message):
         reply_to: _envelope_pb2.ReplyTo | None = ...,
         entity_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         policy_version: _builtins.str = ...,
+        template: _templates_pb2.TemplateRef | None = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        context: _abc.Iterable[_builtins.str] | None = ...,
+        max_tokens_defaulted: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_counts", b"entity_counts", "envelope", b"envelope", "messages", b"messages", "model", b"model", "params", b"params", "policy_version", b"policy_version", "reply_to", b"reply_to", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "entity_counts", b"entity_counts", "envelope", b"envelope", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "policy_version", b"policy_version", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +290,7 @@ class PromptAssembled(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_USED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
     prompt_tokens: _builtins.int
@@ -208,6 +301,10 @@ class PromptAssembled(_message.Message):
     def params(self) -> Global___GenerationParams: ...
     @_builtins.property
     def reply_to(self) -> _envelope_pb2.ReplyTo: ...
+    @_builtins.property
+    def template_used(self) -> _templates_pb2.TemplateUse:
+        """The prompt template version used, if any (prompts area, 30-39)."""
+
     def __init__(
         self,
         *,
@@ -218,10 +315,11 @@ class PromptAssembled(_message.Message):
         params: Global___GenerationParams | None = ...,
         reply_to: _envelope_pb2.ReplyTo | None = ...,
         template: _builtins.str = ...,
+        template_used: _templates_pb2.TemplateUse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template_used", b"template_used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "model", b"model", "params", b"params", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "model", b"model", "params", b"params", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reply_to", b"reply_to", "template", b"template", "template_used", b"template_used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,12 +340,17 @@ class CompletionFinished(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ENGINE_BUSY_MS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     time_to_first_token_ms: _builtins.int
     duration_ms: _builtins.int
     worker: _builtins.str
     error: _builtins.str
+    engine_busy_ms: _builtins.int
+    """Metering area (40-49): this request's share of the engine's busy time, for
+    GPU-hour pricing; when 0, metering uses duration_ms.
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -266,10 +369,11 @@ class CompletionFinished(_message.Message):
         worker: _builtins.str = ...,
         reply_to: _envelope_pb2.ReplyTo | None = ...,
         error: _builtins.str = ...,
+        engine_busy_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "reply_to", b"reply_to", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "envelope", b"envelope", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "reply_to", b"reply_to", "time_to_first_token_ms", b"time_to_first_token_ms", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "engine_busy_ms", b"engine_busy_ms", "envelope", b"envelope", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "reply_to", b"reply_to", "time_to_first_token_ms", b"time_to_first_token_ms", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,14 +390,37 @@ class UsageCharged(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    FALLBACK_PRICE_FIELD_NUMBER: _builtins.int
+    CORRECTS_VERSION_FIELD_NUMBER: _builtins.int
+    COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    ENGINE_BUSY_MS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     finish_reason: Global___FinishReason.ValueType
+    kind: _billing_pb2.ChargeKind.ValueType
+    """Metering area (40-49)."""
+    key_id: _builtins.str
+    """API key id of the request (see GenerationRequested.key_id); empty if unknown."""
+    template: _builtins.str
+    """Prompt template as name@version; empty without a template."""
+    fallback_price: _builtins.bool
+    """The model was not in the catalog: charged at the catalog's fallback rate."""
+    corrects_version: _builtins.str
+    """For a correction: the catalog version whose charges it corrects."""
+    engine_busy_ms: _builtins.int
+    """Engine time billed at the GPU-hour rate, in milliseconds."""
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
     def usage(self) -> _envelope_pb2.Usage: ...
     @_builtins.property
     def cost(self) -> _envelope_pb2.Cost: ...
+    @_builtins.property
+    def completed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the completion finished; windows and re-pricing use this time."""
+
     def __init__(
         self,
         *,
@@ -302,10 +429,17 @@ class UsageCharged(_message.Message):
         usage: _envelope_pb2.Usage | None = ...,
         cost: _envelope_pb2.Cost | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        kind: _billing_pb2.ChargeKind.ValueType = ...,
+        key_id: _builtins.str = ...,
+        template: _builtins.str = ...,
+        fallback_price: _builtins.bool = ...,
+        corrects_version: _builtins.str = ...,
+        completed_at: _timestamp_pb2.Timestamp | None = ...,
+        engine_busy_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "envelope", b"envelope", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "cost", b"cost", "envelope", b"envelope", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "envelope", b"envelope", "finish_reason", b"finish_reason", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "corrects_version", b"corrects_version", "cost", b"cost", "engine_busy_ms", b"engine_busy_ms", "envelope", b"envelope", "fallback_price", b"fallback_price", "finish_reason", b"finish_reason", "key_id", b"key_id", "kind", b"kind", "model", b"model", "template", b"template", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +551,7 @@ class ReplyEvent(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     CHARGED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    PSEUDONYMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -427,6 +562,12 @@ class ReplyEvent(_message.Message):
     def charged(self) -> Global___StreamCharged: ...
     @_builtins.property
     def failed(self) -> Global___StreamFailed: ...
+    @_builtins.property
+    def pseudonyms(self) -> _privacy_pb2.PseudonymVault:
+        """From redaction, before any chunk: the sealed pseudonyms of the request,
+        which only the caller's gateway can open to restore the originals.
+        """
+
     def __init__(
         self,
         *,
@@ -435,12 +576,13 @@ class ReplyEvent(_message.Message):
         finished: Global___StreamFinished | None = ...,
         charged: Global___StreamCharged | None = ...,
         failed: Global___StreamFailed | None = ...,
+        pseudonyms: _privacy_pb2.PseudonymVault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["chunk", "finished", "charged", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["chunk", "finished", "charged", "failed", "pseudonyms"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -557,6 +699,13 @@ class AuditRecord(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    INGEST_TIME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    CONTENT_SUBJECT_FIELD_NUMBER: _builtins.int
+    CONTENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     request_id: _builtins.str
     attempt: _builtins.int
@@ -568,6 +717,22 @@ class AuditRecord(_message.Message):
     source_offset: _builtins.int
     prev_hash: _builtins.str
     hash: _builtins.str
+    user: _builtins.str
+    """Who and when (audit area, 50-59). The end-user's opaque id: the redaction
+    service's pseudonym of the request's `user`, never the raw id.
+    """
+    ingest_time: _builtins.str
+    """When the audit writer appended the record (event_time is when it happened)."""
+    model: _builtins.str
+    content_subject: _builtins.str
+    """The redacted prompt, only when the tenant's policy stores content:
+    AES-GCM under the data key `content_key_id` of subject `content_subject`.
+    Erasure destroys that key, so these bytes become unreadable everywhere.
+    """
+    content_key_id: _builtins.str
+    content: _builtins.bytes
+    api_key_id: _builtins.str
+    """Id of the API key the request came with (never the key), when the event carries it."""
     @_builtins.property
     def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -585,10 +750,17 @@ class AuditRecord(_message.Message):
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        user: _builtins.str = ...,
+        ingest_time: _builtins.str = ...,
+        model: _builtins.str = ...,
+        content_subject: _builtins.str = ...,
+        content_key_id: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        api_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "details", b"details", "event_time", b"event_time", "hash", b"hash", "prev_hash", b"prev_hash", "request_id", b"request_id", "seq", b"seq", "source_offset", b"source_offset", "source_partition", b"source_partition", "source_topic", b"source_topic", "stage", b"stage", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt", b"attempt", "content", b"content", "content_key_id", b"content_key_id", "content_subject", b"content_subject", "details", b"details", "event_time", b"event_time", "hash", b"hash", "ingest_time", b"ingest_time", "model", b"model", "prev_hash", b"prev_hash", "request_id", b"request_id", "seq", b"seq", "source_offset", b"source_offset", "source_partition", b"source_partition", "source_topic", b"source_topic", "stage", b"stage", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,7 +768,9 @@ Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
 
 @_typing.final
 class BudgetState(_message.Message):
-    """On sluice.budgets.v1 (compacted, keyed by tenant): the tenant's spend so far."""
+    """On sluice.budgets.v1 (compacted, keyed by tenant/key_id/period): a budget's
+    spend in its current period.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -604,10 +778,30 @@ class BudgetState(_message.Message):
     SPENT_NANOS_FIELD_NUMBER: _builtins.int
     LIMIT_NANOS_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     spent_nanos: _builtins.int
     limit_nanos: _builtins.int
     currency: _builtins.str
+    key_id: _builtins.str
+    """Metering area (40-49)."""
+    blocked: _builtins.bool
+    """A hard budget reached one of its limits: gateways reject new requests
+    until window.reset_at.
+    """
+    reason: _builtins.str
+    """Why it is blocked, naming the limit and the reset time."""
+    @_builtins.property
+    def budget(self) -> _billing_pb2.Budget: ...
+    @_builtins.property
+    def window(self) -> _billing_pb2.BudgetWindow: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -615,10 +809,16 @@ class BudgetState(_message.Message):
         spent_nanos: _builtins.int = ...,
         limit_nanos: _builtins.int = ...,
         currency: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        budget: _billing_pb2.Budget | None = ...,
+        window: _billing_pb2.BudgetWindow | None = ...,
+        blocked: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "updated_at", b"updated_at", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "limit_nanos", b"limit_nanos", "spent_nanos", b"spent_nanos", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "budget", b"budget", "currency", b"currency", "key_id", b"key_id", "limit_nanos", b"limit_nanos", "reason", b"reason", "spent_nanos", b"spent_nanos", "tenant", b"tenant", "updated_at", b"updated_at", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,22 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sluice.v1 import billing_pb2 as sluice_dot_v1_dot_billing__pb2
 from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
+from sluice.v1 import events_pb2 as sluice_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/metering.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"~\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0f.sluice.v1.Cost\"8\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.sluice.v1.TenantUsage2O\n\x08Metering\x12\x43\n\x08GetUsage\x12\x1a.sluice.v1.GetUsageRequest\x1a\x1b.sluice.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/metering.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sluice/v1/billing.proto\x1a\x18sluice/v1/envelope.proto\x1a\x16sluice/v1/events.proto\"\x9f\x01\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x04\x66rom\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08group_by\x18\x04 \x01(\x0e\x32\x18.sluice.v1.UsageGrouping\"\xbb\x01\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0f.sluice.v1.Cost\x12\r\n\x05group\x18\x06 \x01(\t\x12\x13\n\x0b\x63orrections\x18\x07 \x01(\x04\x12\x17\n\x0f\x66\x61llback_priced\x18\x08 \x01(\x04\"8\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.sluice.v1.TenantUsage\"2\n\x10GetBudgetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"<\n\x11GetBudgetResponse\x12\'\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x16.sluice.v1.BudgetState\"5\n\x10SetBudgetRequest\x12!\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x11.sluice.v1.Budget\"6\n\x11SetBudgetResponse\x12!\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x11.sluice.v1.Budget\"\x13\n\x11ListPricesRequest\">\n\x12ListPricesResponse\x12(\n\x07\x63\x61talog\x18\x01 \x01(\x0b\x32\x17.sluice.v1.PriceCatalog*\x96\x01\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x18\n\x14USAGE_GROUPING_MODEL\x10\x01\x12\x16\n\x12USAGE_GROUPING_KEY\x10\x02\x12\x1b\n\x17USAGE_GROUPING_TEMPLATE\x10\x03\x12\x16\n\x12USAGE_GROUPING_DAY\x10\x04\x32\xaa\x02\n\x08Metering\x12\x43\n\x08GetUsage\x12\x1a.sluice.v1.GetUsageRequest\x1a\x1b.sluice.v1.GetUsageResponse\x12\x46\n\tGetBudget\x12\x1b.sluice.v1.GetBudgetRequest\x1a\x1c.sluice.v1.GetBudgetResponse\x12\x46\n\tSetBudget\x12\x1b.sluice.v1.SetBudgetRequest\x1a\x1c.sluice.v1.SetBudgetResponse\x12I\n\nListPrices\x12\x1c.sluice.v1.ListPricesRequest\x1a\x1d.sluice.v1.ListPricesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.metering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETUSAGEREQUEST']._serialized_start=65
-  _globals['_GETUSAGEREQUEST']._serialized_end=98
-  _globals['_TENANTUSAGE']._serialized_start=100
-  _globals['_TENANTUSAGE']._serialized_end=226
-  _globals['_GETUSAGERESPONSE']._serialized_start=228
-  _globals['_GETUSAGERESPONSE']._serialized_end=284
-  _globals['_METERING']._serialized_start=286
-  _globals['_METERING']._serialized_end=365
+  _globals['_USAGEGROUPING']._serialized_start=868
+  _globals['_USAGEGROUPING']._serialized_end=1018
+  _globals['_GETUSAGEREQUEST']._serialized_start=148
+  _globals['_GETUSAGEREQUEST']._serialized_end=307
+  _globals['_TENANTUSAGE']._serialized_start=310
+  _globals['_TENANTUSAGE']._serialized_end=497
+  _globals['_GETUSAGERESPONSE']._serialized_start=499
+  _globals['_GETUSAGERESPONSE']._serialized_end=555
+  _globals['_GETBUDGETREQUEST']._serialized_start=557
+  _globals['_GETBUDGETREQUEST']._serialized_end=607
+  _globals['_GETBUDGETRESPONSE']._serialized_start=609
+  _globals['_GETBUDGETRESPONSE']._serialized_end=669
+  _globals['_SETBUDGETREQUEST']._serialized_start=671
+  _globals['_SETBUDGETREQUEST']._serialized_end=724
+  _globals['_SETBUDGETRESPONSE']._serialized_start=726
+  _globals['_SETBUDGETRESPONSE']._serialized_end=780
+  _globals['_LISTPRICESREQUEST']._serialized_start=782
+  _globals['_LISTPRICESREQUEST']._serialized_end=801
+  _globals['_LISTPRICESRESPONSE']._serialized_start=803
+  _globals['_LISTPRICESRESPONSE']._serialized_end=865
+  _globals['_METERING']._serialized_start=1021
+  _globals['_METERING']._serialized_end=1319
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class MeteringStub:
-    """Metering answers what a tenant has spent.
+    """Metering answers what a tenant has spent, and holds its budgets and prices.
     """
 
     def __init__(self, channel):
@@ -40,13 +40,46 @@ class MeteringStub:
                 request_serializer=sluice_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_metering__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/sluice.v1.Metering/GetBudget',
+                request_serializer=sluice_dot_v1_dot_metering__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_metering__pb2.GetBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetBudget = channel.unary_unary(
+                '/sluice.v1.Metering/SetBudget',
+                request_serializer=sluice_dot_v1_dot_metering__pb2.SetBudgetRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_metering__pb2.SetBudgetResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/sluice.v1.Metering/ListPrices',
+                request_serializer=sluice_dot_v1_dot_metering__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_metering__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServicer:
-    """Metering answers what a tenant has spent.
+    """Metering answers what a tenant has spent, and holds its budgets and prices.
     """
 
     def GetUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +93,21 @@ def add_MeteringServicer_to_server(servicer, server):
                     request_deserializer=sluice_dot_v1_dot_metering__pb2.GetUsageRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_metering__pb2.GetUsageResponse.SerializeToString,
             ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=sluice_dot_v1_dot_metering__pb2.GetBudgetRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_metering__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'SetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudget,
+                    request_deserializer=sluice_dot_v1_dot_metering__pb2.SetBudgetRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_metering__pb2.SetBudgetResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=sluice_dot_v1_dot_metering__pb2.ListPricesRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_metering__pb2.ListPricesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'sluice.v1.Metering', rpc_method_handlers)
@@ -69,7 +117,7 @@ def add_MeteringServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Metering:
-    """Metering answers what a tenant has spent.
+    """Metering answers what a tenant has spent, and holds its budgets and prices.
     """
 
     @staticmethod
@@ -89,6 +137,87 @@ class Metering:
             '/sluice.v1.Metering/GetUsage',
             sluice_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
             sluice_dot_v1_dot_metering__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Metering/GetBudget',
+            sluice_dot_v1_dot_metering__pb2.GetBudgetRequest.SerializeToString,
+            sluice_dot_v1_dot_metering__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Metering/SetBudget',
+            sluice_dot_v1_dot_metering__pb2.SetBudgetRequest.SerializeToString,
+            sluice_dot_v1_dot_metering__pb2.SetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Metering/ListPrices',
+            sluice_dot_v1_dot_metering__pb2.ListPricesRequest.SerializeToString,
+            sluice_dot_v1_dot_metering__pb2.ListPricesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,23 +27,29 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MeteringStub:
-    """Metering answers what a tenant has spent."""
+    """Metering answers what a tenant has spent, and holds its budgets and prices."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MeteringAsyncStub: ...
     GetUsage: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetUsageRequest, _metering_pb2.GetUsageResponse]
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_metering_pb2.GetBudgetRequest, _metering_pb2.GetBudgetResponse]
+    SetBudget: _grpc.UnaryUnaryMultiCallable[_metering_pb2.SetBudgetRequest, _metering_pb2.SetBudgetResponse]
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_metering_pb2.ListPricesRequest, _metering_pb2.ListPricesResponse]
 
 @_typing.type_check_only
 class MeteringAsyncStub(MeteringStub):
-    """Metering answers what a tenant has spent."""
+    """Metering answers what a tenant has spent, and holds its budgets and prices."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsage: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetUsageRequest, _metering_pb2.GetUsageResponse]  # type: ignore[assignment]
+    GetBudget: _aio.UnaryUnaryMultiCallable[_metering_pb2.GetBudgetRequest, _metering_pb2.GetBudgetResponse]  # type: ignore[assignment]
+    SetBudget: _aio.UnaryUnaryMultiCallable[_metering_pb2.SetBudgetRequest, _metering_pb2.SetBudgetResponse]  # type: ignore[assignment]
+    ListPrices: _aio.UnaryUnaryMultiCallable[_metering_pb2.ListPricesRequest, _metering_pb2.ListPricesResponse]  # type: ignore[assignment]
 
 class MeteringServicer(metaclass=_abc_1.ABCMeta):
-    """Metering answers what a tenant has spent."""
+    """Metering answers what a tenant has spent, and holds its budgets and prices."""
 
     @_abc_1.abstractmethod
     def GetUsage(
@@ -51,5 +57,26 @@ class MeteringServicer(metaclass=_abc_1.ABCMeta):
         request: _metering_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_metering_pb2.GetUsageResponse, _abc.Awaitable[_metering_pb2.GetUsageResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _metering_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.GetBudgetResponse, _abc.Awaitable[_metering_pb2.GetBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetBudget(
+        self,
+        request: _metering_pb2.SetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.SetBudgetResponse, _abc.Awaitable[_metering_pb2.SetBudgetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _metering_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metering_pb2.ListPricesResponse, _abc.Awaitable[_metering_pb2.ListPricesResponse]]: ...
 
 def add_MeteringServicer_to_server(servicer: MeteringServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,19 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
+from sluice.v1 import templates_pb2 as sluice_dot_v1_dot_templates__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/prompts.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\"H\n\rRenderRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\"I\n\x0eRenderResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08template\x18\x03 \x01(\t2H\n\x07Prompts\x12=\n\x06Render\x12\x18.sluice.v1.RenderRequest\x1a\x19.sluice.v1.RenderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/prompts.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\x1a\x19sluice/v1/templates.proto\"\xb7\x02\n\rRenderRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12(\n\x08template\x18\x03 \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12:\n\tvariables\x18\x04 \x03(\x0b\x32\'.sluice.v1.RenderRequest.VariablesEntry\x12\x0f\n\x07\x63ontext\x18\x05 \x03(\t\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_max_tokens\"\xc5\x01\n\x0eRenderResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08template\x18\x03 \x01(\t\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12-\n\rtemplate_used\x18\x05 \x01(\x0b\x32\x16.sluice.v1.TemplateUse\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\r\n\x05model\x18\x07 \x01(\t\"\xb8\x01\n\x14\x43reateVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12\x18\n\x10variables_schema\x18\x03 \x01(\t\x12\x30\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32\x1b.sluice.v1.ModelConstraints\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\"D\n\x15\x43reateVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.sluice.v1.TemplateVersion\"9\n\x12GetTemplateRequest\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.sluice.v1.TemplateRef\"R\n\x13GetTemplateResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.sluice.v1.TemplateVersion\x12\x0e\n\x06labels\x18\x02 \x03(\t\"\x16\n\x14ListTemplatesRequest\"`\n\x0fTemplateSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\r\x12\'\n\x06labels\x18\x03 \x03(\x0b\x32\x17.sluice.v1.LabelPointer\"F\n\x15ListTemplatesResponse\x12-\n\ttemplates\x18\x01 \x03(\x0b\x32\x1a.sluice.v1.TemplateSummary\"#\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"m\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.sluice.v1.TemplateVersion\x12\'\n\x06labels\x18\x02 \x03(\x0b\x32\x17.sluice.v1.LabelPointer\"d\n\x0fSetLabelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12$\n\x08variants\x18\x03 \x03(\x0b\x32\x12.sluice.v1.Variant\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\":\n\x10SetLabelResponse\x12&\n\x05label\x18\x01 \x01(\x0b\x32\x17.sluice.v1.LabelPointer2\xd4\x03\n\x07Prompts\x12=\n\x06Render\x12\x18.sluice.v1.RenderRequest\x1a\x19.sluice.v1.RenderResponse\x12R\n\rCreateVersion\x12\x1f.sluice.v1.CreateVersionRequest\x1a .sluice.v1.CreateVersionResponse\x12L\n\x0bGetTemplate\x12\x1d.sluice.v1.GetTemplateRequest\x1a\x1e.sluice.v1.GetTemplateResponse\x12R\n\rListTemplates\x12\x1f.sluice.v1.ListTemplatesRequest\x1a .sluice.v1.ListTemplatesResponse\x12O\n\x0cListVersions\x12\x1e.sluice.v1.ListVersionsRequest\x1a\x1f.sluice.v1.ListVersionsResponse\x12\x43\n\x08SetLabel\x12\x1a.sluice.v1.SetLabelRequest\x1a\x1b.sluice.v1.SetLabelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.prompts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RENDERREQUEST']._serialized_start=64
-  _globals['_RENDERREQUEST']._serialized_end=136
-  _globals['_RENDERRESPONSE']._serialized_start=138
-  _globals['_RENDERRESPONSE']._serialized_end=211
-  _globals['_PROMPTS']._serialized_start=213
-  _globals['_PROMPTS']._serialized_end=285
+  _globals['_RENDERREQUEST_VARIABLESENTRY']._loaded_options = None
+  _globals['_RENDERREQUEST_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_RENDERREQUEST']._serialized_start=92
+  _globals['_RENDERREQUEST']._serialized_end=403
+  _globals['_RENDERREQUEST_VARIABLESENTRY']._serialized_start=340
+  _globals['_RENDERREQUEST_VARIABLESENTRY']._serialized_end=388
+  _globals['_RENDERRESPONSE']._serialized_start=406
+  _globals['_RENDERRESPONSE']._serialized_end=603
+  _globals['_CREATEVERSIONREQUEST']._serialized_start=606
+  _globals['_CREATEVERSIONREQUEST']._serialized_end=790
+  _globals['_CREATEVERSIONRESPONSE']._serialized_start=792
+  _globals['_CREATEVERSIONRESPONSE']._serialized_end=860
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=862
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=919
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=921
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=1003
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=1005
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=1027
+  _globals['_TEMPLATESUMMARY']._serialized_start=1029
+  _globals['_TEMPLATESUMMARY']._serialized_end=1125
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=1127
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=1197
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1199
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1234
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1236
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1345
+  _globals['_SETLABELREQUEST']._serialized_start=1347
+  _globals['_SETLABELREQUEST']._serialized_end=1447
+  _globals['_SETLABELRESPONSE']._serialized_start=1449
+  _globals['_SETLABELRESPONSE']._serialized_end=1507
+  _globals['_PROMPTS']._serialized_start=1510
+  _globals['_PROMPTS']._serialized_end=1978
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class PromptsStub:
-    """Prompts renders chat messages into the model's prompt format.
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
     """
 
     def __init__(self, channel):
@@ -40,13 +41,70 @@ class PromptsStub:
                 request_serializer=sluice_dot_v1_dot_prompts__pb2.RenderRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_prompts__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.CreateVersion = channel.unary_unary(
+                '/sluice.v1.Prompts/CreateVersion',
+                request_serializer=sluice_dot_v1_dot_prompts__pb2.CreateVersionRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_prompts__pb2.CreateVersionResponse.FromString,
+                _registered_method=True)
+        self.GetTemplate = channel.unary_unary(
+                '/sluice.v1.Prompts/GetTemplate',
+                request_serializer=sluice_dot_v1_dot_prompts__pb2.GetTemplateRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_prompts__pb2.GetTemplateResponse.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/sluice.v1.Prompts/ListTemplates',
+                request_serializer=sluice_dot_v1_dot_prompts__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_prompts__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/sluice.v1.Prompts/ListVersions',
+                request_serializer=sluice_dot_v1_dot_prompts__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_prompts__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.SetLabel = channel.unary_unary(
+                '/sluice.v1.Prompts/SetLabel',
+                request_serializer=sluice_dot_v1_dot_prompts__pb2.SetLabelRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_prompts__pb2.SetLabelResponse.FromString,
+                _registered_method=True)
 
 
 class PromptsServicer:
-    """Prompts renders chat messages into the model's prompt format.
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
     """
 
     def Render(self, request, context):
+        """Dry run: the final prompt, its token count and which template version was used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTemplate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLabel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +118,31 @@ def add_PromptsServicer_to_server(servicer, server):
                     request_deserializer=sluice_dot_v1_dot_prompts__pb2.RenderRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_prompts__pb2.RenderResponse.SerializeToString,
             ),
+            'CreateVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVersion,
+                    request_deserializer=sluice_dot_v1_dot_prompts__pb2.CreateVersionRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_prompts__pb2.CreateVersionResponse.SerializeToString,
+            ),
+            'GetTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplate,
+                    request_deserializer=sluice_dot_v1_dot_prompts__pb2.GetTemplateRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_prompts__pb2.GetTemplateResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=sluice_dot_v1_dot_prompts__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_prompts__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=sluice_dot_v1_dot_prompts__pb2.ListVersionsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_prompts__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'SetLabel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLabel,
+                    request_deserializer=sluice_dot_v1_dot_prompts__pb2.SetLabelRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_prompts__pb2.SetLabelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'sluice.v1.Prompts', rpc_method_handlers)
@@ -69,7 +152,8 @@ def add_PromptsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Prompts:
-    """Prompts renders chat messages into the model's prompt format.
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
     """
 
     @staticmethod
@@ -89,6 +173,141 @@ class Prompts:
             '/sluice.v1.Prompts/Render',
             sluice_dot_v1_dot_prompts__pb2.RenderRequest.SerializeToString,
             sluice_dot_v1_dot_prompts__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Prompts/CreateVersion',
+            sluice_dot_v1_dot_prompts__pb2.CreateVersionRequest.SerializeToString,
+            sluice_dot_v1_dot_prompts__pb2.CreateVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Prompts/GetTemplate',
+            sluice_dot_v1_dot_prompts__pb2.GetTemplateRequest.SerializeToString,
+            sluice_dot_v1_dot_prompts__pb2.GetTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Prompts/ListTemplates',
+            sluice_dot_v1_dot_prompts__pb2.ListTemplatesRequest.SerializeToString,
+            sluice_dot_v1_dot_prompts__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Prompts/ListVersions',
+            sluice_dot_v1_dot_prompts__pb2.ListVersionsRequest.SerializeToString,
+            sluice_dot_v1_dot_prompts__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLabel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Prompts/SetLabel',
+            sluice_dot_v1_dot_prompts__pb2.SetLabelRequest.SerializeToString,
+            sluice_dot_v1_dot_prompts__pb2.SetLabelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,29 +27,83 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PromptsStub:
-    """Prompts renders chat messages into the model's prompt format."""
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PromptsAsyncStub: ...
     Render: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.RenderRequest, _prompts_pb2.RenderResponse]
+    """Dry run: the final prompt, its token count and which template version was used."""
+    CreateVersion: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.CreateVersionRequest, _prompts_pb2.CreateVersionResponse]
+    GetTemplate: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.GetTemplateRequest, _prompts_pb2.GetTemplateResponse]
+    ListTemplates: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.ListTemplatesRequest, _prompts_pb2.ListTemplatesResponse]
+    ListVersions: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.ListVersionsRequest, _prompts_pb2.ListVersionsResponse]
+    SetLabel: _grpc.UnaryUnaryMultiCallable[_prompts_pb2.SetLabelRequest, _prompts_pb2.SetLabelResponse]
 
 @_typing.type_check_only
 class PromptsAsyncStub(PromptsStub):
-    """Prompts renders chat messages into the model's prompt format."""
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Render: _aio.UnaryUnaryMultiCallable[_prompts_pb2.RenderRequest, _prompts_pb2.RenderResponse]  # type: ignore[assignment]
+    """Dry run: the final prompt, its token count and which template version was used."""
+    CreateVersion: _aio.UnaryUnaryMultiCallable[_prompts_pb2.CreateVersionRequest, _prompts_pb2.CreateVersionResponse]  # type: ignore[assignment]
+    GetTemplate: _aio.UnaryUnaryMultiCallable[_prompts_pb2.GetTemplateRequest, _prompts_pb2.GetTemplateResponse]  # type: ignore[assignment]
+    ListTemplates: _aio.UnaryUnaryMultiCallable[_prompts_pb2.ListTemplatesRequest, _prompts_pb2.ListTemplatesResponse]  # type: ignore[assignment]
+    ListVersions: _aio.UnaryUnaryMultiCallable[_prompts_pb2.ListVersionsRequest, _prompts_pb2.ListVersionsResponse]  # type: ignore[assignment]
+    SetLabel: _aio.UnaryUnaryMultiCallable[_prompts_pb2.SetLabelRequest, _prompts_pb2.SetLabelResponse]  # type: ignore[assignment]
 
 class PromptsServicer(metaclass=_abc_1.ABCMeta):
-    """Prompts renders chat messages into the model's prompt format."""
+    """Prompts renders chat messages into the model's prompt format and keeps the
+    versioned template registry (event-sourced on sluice.templates.v1).
+    """
 
     @_abc_1.abstractmethod
     def Render(
         self,
         request: _prompts_pb2.RenderRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_prompts_pb2.RenderResponse, _abc.Awaitable[_prompts_pb2.RenderResponse]]: ...
+    ) -> _typing.Union[_prompts_pb2.RenderResponse, _abc.Awaitable[_prompts_pb2.RenderResponse]]:
+        """Dry run: the final prompt, its token count and which template version was used."""
+
+    @_abc_1.abstractmethod
+    def CreateVersion(
+        self,
+        request: _prompts_pb2.CreateVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prompts_pb2.CreateVersionResponse, _abc.Awaitable[_prompts_pb2.CreateVersionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTemplate(
+        self,
+        request: _prompts_pb2.GetTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prompts_pb2.GetTemplateResponse, _abc.Awaitable[_prompts_pb2.GetTemplateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTemplates(
+        self,
+        request: _prompts_pb2.ListTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prompts_pb2.ListTemplatesResponse, _abc.Awaitable[_prompts_pb2.ListTemplatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListVersions(
+        self,
+        request: _prompts_pb2.ListVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prompts_pb2.ListVersionsResponse, _abc.Awaitable[_prompts_pb2.ListVersionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetLabel(
+        self,
+        request: _prompts_pb2.SetLabelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prompts_pb2.SetLabelResponse, _abc.Awaitable[_prompts_pb2.SetLabelResponse]]: ...
 
 def add_PromptsServicer_to_server(servicer: PromptsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

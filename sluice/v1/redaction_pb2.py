@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/redaction.proto\x12\tsluice.v1\"-\n\rRedactRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x97\x01\n\x0eRedactResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x42\n\rentity_counts\x18\x02 \x03(\x0b\x32+.sluice.v1.RedactResponse.EntityCountsEntry\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32J\n\tRedaction\x12=\n\x06Redact\x12\x18.sluice.v1.RedactRequest\x1a\x19.sluice.v1.RedactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/redaction.proto\x12\tsluice.v1\"=\n\rRedactRequest\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\tJ\x04\x08\x01\x10\x02R\x06tenant\"A\n\x06\x45ntity\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\"\xd4\x01\n\x0eRedactResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x42\n\rentity_counts\x18\x02 \x03(\x0b\x32+.sluice.v1.RedactResponse.EntityCountsEntry\x12#\n\x08\x65ntities\x18\x03 \x03(\x0b\x32\x11.sluice.v1.Entity\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"$\n\x13RedactStreamRequest\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\"%\n\x14RedactStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t2\x9e\x01\n\x08Redactor\x12=\n\x06Redact\x12\x18.sluice.v1.RedactRequest\x1a\x19.sluice.v1.RedactResponse\x12S\n\x0cRedactStream\x12\x1e.sluice.v1.RedactStreamRequest\x1a\x1f.sluice.v1.RedactStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._loaded_options = None
   _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_REDACTREQUEST']._serialized_start=40
-  _globals['_REDACTREQUEST']._serialized_end=85
-  _globals['_REDACTRESPONSE']._serialized_start=88
-  _globals['_REDACTRESPONSE']._serialized_end=239
-  _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._serialized_start=188
-  _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._serialized_end=239
-  _globals['_REDACTION']._serialized_start=241
-  _globals['_REDACTION']._serialized_end=315
+  _globals['_REDACTREQUEST']._serialized_end=101
+  _globals['_ENTITY']._serialized_start=103
+  _globals['_ENTITY']._serialized_end=168
+  _globals['_REDACTRESPONSE']._serialized_start=171
+  _globals['_REDACTRESPONSE']._serialized_end=383
+  _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._serialized_start=332
+  _globals['_REDACTRESPONSE_ENTITYCOUNTSENTRY']._serialized_end=383
+  _globals['_REDACTSTREAMREQUEST']._serialized_start=385
+  _globals['_REDACTSTREAMREQUEST']._serialized_end=421
+  _globals['_REDACTSTREAMRESPONSE']._serialized_start=423
+  _globals['_REDACTSTREAMRESPONSE']._serialized_end=460
+  _globals['_REDACTOR']._serialized_start=463
+  _globals['_REDACTOR']._serialized_end=621
 # @@protoc_insertion_point(module_scope)

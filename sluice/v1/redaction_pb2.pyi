@@ -22,23 +22,54 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class RedactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    TENANT_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
-    tenant: _builtins.str
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    language: _builtins.str
+    """BCP-47 language of `text`; empty means the policy's language."""
     def __init__(
         self,
         *,
-        tenant: _builtins.str = ...,
         text: _builtins.str = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedactRequest: _TypeAlias = RedactRequest  # noqa: Y015
+
+@_typing.final
+class Entity(_message.Message):
+    """One finding: where it was in the request text (Unicode code points) and how sure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    start: _builtins.int
+    end: _builtins.int
+    score: _builtins.float
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "score", b"score", "start", b"start", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Entity: _TypeAlias = Entity  # noqa: Y015
 
 @_typing.final
 class RedactResponse(_message.Message):
@@ -66,19 +97,66 @@ class RedactResponse(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     ENTITY_COUNTS_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    policy_version: _builtins.str
     @_builtins.property
     def entity_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]: ...
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         entity_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        entities: _abc.Iterable[Global___Entity] | None = ...,
+        policy_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_counts", b"entity_counts", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "entity_counts", b"entity_counts", "policy_version", b"policy_version", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedactResponse: _TypeAlias = RedactResponse  # noqa: Y015
+
+@_typing.final
+class RedactStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    delta: _builtins.str
+    """The next piece of the stream; empty deltas are allowed."""
+    def __init__(
+        self,
+        *,
+        delta: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedactStreamRequest: _TypeAlias = RedactStreamRequest  # noqa: Y015
+
+@_typing.final
+class RedactStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    delta: _builtins.str
+    """Redacted text that is safe to show; concatenated, the whole redacted stream."""
+    def __init__(
+        self,
+        *,
+        delta: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedactStreamResponse: _TypeAlias = RedactStreamResponse  # noqa: Y015

@@ -25,8 +25,9 @@ if _version_not_supported:
     )
 
 
-class RedactionStub:
-    """Redaction lets operators check what the privacy boundary would do.
+class RedactorStub:
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
     """
 
     def __init__(self, channel):
@@ -36,40 +37,61 @@ class RedactionStub:
             channel: A grpc.Channel.
         """
         self.Redact = channel.unary_unary(
-                '/sluice.v1.Redaction/Redact',
+                '/sluice.v1.Redactor/Redact',
                 request_serializer=sluice_dot_v1_dot_redaction__pb2.RedactRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_redaction__pb2.RedactResponse.FromString,
                 _registered_method=True)
+        self.RedactStream = channel.stream_stream(
+                '/sluice.v1.Redactor/RedactStream',
+                request_serializer=sluice_dot_v1_dot_redaction__pb2.RedactStreamRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_redaction__pb2.RedactStreamResponse.FromString,
+                _registered_method=True)
 
 
-class RedactionServicer:
-    """Redaction lets operators check what the privacy boundary would do.
+class RedactorServicer:
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
     """
 
     def Redact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One text in, its redacted form and what was found out. Never the values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedactStream(self, request_iterator, context):
+        """A token stream in, a redacted stream out: text is held back only while an
+        entity could still span the next delta.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_RedactionServicer_to_server(servicer, server):
+def add_RedactorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Redact': grpc.unary_unary_rpc_method_handler(
                     servicer.Redact,
                     request_deserializer=sluice_dot_v1_dot_redaction__pb2.RedactRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_redaction__pb2.RedactResponse.SerializeToString,
             ),
+            'RedactStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RedactStream,
+                    request_deserializer=sluice_dot_v1_dot_redaction__pb2.RedactStreamRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_redaction__pb2.RedactStreamResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'sluice.v1.Redaction', rpc_method_handlers)
+            'sluice.v1.Redactor', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('sluice.v1.Redaction', rpc_method_handlers)
+    server.add_registered_method_handlers('sluice.v1.Redactor', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Redaction:
-    """Redaction lets operators check what the privacy boundary would do.
+class Redactor:
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
     """
 
     @staticmethod
@@ -86,9 +108,36 @@ class Redaction:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sluice.v1.Redaction/Redact',
+            '/sluice.v1.Redactor/Redact',
             sluice_dot_v1_dot_redaction__pb2.RedactRequest.SerializeToString,
             sluice_dot_v1_dot_redaction__pb2.RedactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedactStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sluice.v1.Redactor/RedactStream',
+            sluice_dot_v1_dot_redaction__pb2.RedactStreamRequest.SerializeToString,
+            sluice_dot_v1_dot_redaction__pb2.RedactStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,30 +26,57 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class RedactionStub:
-    """Redaction lets operators check what the privacy boundary would do."""
+class RedactorStub:
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> RedactionAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> RedactorAsyncStub: ...
     Redact: _grpc.UnaryUnaryMultiCallable[_redaction_pb2.RedactRequest, _redaction_pb2.RedactResponse]
+    """One text in, its redacted form and what was found out. Never the values."""
+    RedactStream: _grpc.StreamStreamMultiCallable[_redaction_pb2.RedactStreamRequest, _redaction_pb2.RedactStreamResponse]
+    """A token stream in, a redacted stream out: text is held back only while an
+    entity could still span the next delta.
+    """
 
 @_typing.type_check_only
-class RedactionAsyncStub(RedactionStub):
-    """Redaction lets operators check what the privacy boundary would do."""
+class RedactorAsyncStub(RedactorStub):
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Redact: _aio.UnaryUnaryMultiCallable[_redaction_pb2.RedactRequest, _redaction_pb2.RedactResponse]  # type: ignore[assignment]
+    """One text in, its redacted form and what was found out. Never the values."""
+    RedactStream: _aio.StreamStreamMultiCallable[_redaction_pb2.RedactStreamRequest, _redaction_pb2.RedactStreamResponse]  # type: ignore[assignment]
+    """A token stream in, a redacted stream out: text is held back only while an
+    entity could still span the next delta.
+    """
 
-class RedactionServicer(metaclass=_abc_1.ABCMeta):
-    """Redaction lets operators check what the privacy boundary would do."""
+class RedactorServicer(metaclass=_abc_1.ABCMeta):
+    """Redactor applies the caller's tenant policy (tenant from the API key in
+    `authorization: Bearer <key>` metadata) to text from any source.
+    """
 
     @_abc_1.abstractmethod
     def Redact(
         self,
         request: _redaction_pb2.RedactRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_redaction_pb2.RedactResponse, _abc.Awaitable[_redaction_pb2.RedactResponse]]: ...
+    ) -> _typing.Union[_redaction_pb2.RedactResponse, _abc.Awaitable[_redaction_pb2.RedactResponse]]:
+        """One text in, its redacted form and what was found out. Never the values."""
 
-def add_RedactionServicer_to_server(servicer: RedactionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+    @_abc_1.abstractmethod
+    def RedactStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_redaction_pb2.RedactStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_redaction_pb2.RedactStreamResponse], _abc.AsyncIterator[_redaction_pb2.RedactStreamResponse]]:
+        """A token stream in, a redacted stream out: text is held back only while an
+        entity could still span the next delta.
+        """
+
+def add_RedactorServicer_to_server(servicer: RedactorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
