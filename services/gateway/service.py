@@ -89,8 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         queue = self.replies.register(request_id)
         sent: list[gateway_pb2.GenerateResponse] = []
         try:
-            requested = self._requested(request, valid, tenant, request_id)
-            requested.event.key_id = key_id  # type: ignore[attr-defined]  # a GenerationRequested
+            requested = self._requested(request, valid, tenant, request_id, key_id)
             await send(runtime.producer, "gateway", requested)
             log.info("request published", model=valid.model, messages=len(request.messages))
             first = gateway_pb2.GenerateResponse(request_id=request_id, model=valid.model)
@@ -107,7 +106,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._remember(request_id, sent)
 
     def _requested(
-        self, request: gateway_pb2.GenerateRequest, valid: ValidRequest, tenant: str, request_id: str
+        self,
+        request: gateway_pb2.GenerateRequest,
+        valid: ValidRequest,
+        tenant: str,
+        request_id: str,
+        key_id: str,
     ) -> Output:
         event = events_pb2.GenerationRequested(
             envelope=envelopes.new_envelope(request_id=request_id, tenant=tenant, producer="gateway"),
@@ -126,6 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             variables=request.variables,
             context=request.context,
             max_tokens_defaulted=not request.HasField("max_tokens"),
+            key_id=key_id,
         )
         return Output(REQUESTS, event, request_id)
 
