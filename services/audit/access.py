@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from services.gateway.auth import KeyStore
 from sluice.service import Context
 
@@ -40,10 +38,7 @@ async def identify(context: Context, state_dir: Path, require_auth: bool) -> Cal
     authorization = metadata.get("authorization")
     if authorization is None and not require_auth:
         return Caller(None)
-    tenant = KeyStore.load(state_dir).tenant_for(str(authorization) if authorization else None)
-    if tenant is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or unknown API key")
-    return Caller(tenant)
+    return Caller(await KeyStore.load(state_dir).authenticate(context))
 
 
 def scoped_tenant(caller: Caller, requested: str) -> str:

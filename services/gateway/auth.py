@@ -9,6 +9,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from sluice.service import Context
+
 DEMO_TENANT = "demo"
 
 
@@ -51,6 +55,18 @@ class KeyStore:
     def load(cls, state_dir: Path) -> KeyStore:
         path = keys_file(state_dir)
         return cls(json.loads(path.read_text()) if path.exists() else {})
+
+    async def authenticate(self, context: Context) -> str:
+        """The caller's tenant, or abort the call with UNAUTHENTICATED."""
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        tenant = self.tenant_for(str(authorization) if authorization else None)
+        if tenant is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "authorization: missing or unknown API key (send 'authorization: Bearer <key>')",
+            )
+        assert tenant is not None
+        return tenant
 
     def tenant_for(self, authorization: str | None) -> str | None:
         """Tenant for an `authorization: Bearer <key>` value, or None."""

@@ -48,17 +48,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # Finished idempotent requests, replayed instead of re-run.
     _replays: OrderedDict[str, list[gateway_pb2.GenerateResponse]] = field(default_factory=OrderedDict)
 
-    async def _tenant(self, context: Context) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        tenant = self.keys.tenant_for(metadata.get("authorization"))
-        if tenant is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "authorization: missing or unknown API key (send 'authorization: Bearer <key>')",
-            )
-        assert tenant is not None
-        return tenant
-
     async def _runtime(self, context: Context) -> Runtime:
         if self.runtime is None or not self.replies.ready.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is starting; retry shortly")
@@ -68,7 +57,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        tenant = await self._tenant(context)
+        tenant = await self.keys.authenticate(context)
         try:
             valid = validate(request, self.settings.catalog)
         except Invalid as exc:
@@ -188,7 +177,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def SubmitFeedback(
         self, request: gateway_pb2.SubmitFeedbackRequest, context: Context
     ) -> gateway_pb2.SubmitFeedbackResponse:
-        tenant = await self._tenant(context)
+        tenant = await self.keys.authenticate(context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         if request.score not in (-1, 0, 1):

@@ -57,21 +57,10 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
     settings: Settings
     boundary: Boundary
 
-    async def _tenant(self, context: Context) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        tenant = KeyStore.load(self.settings.state_dir).tenant_for(metadata.get("authorization"))
-        if tenant is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "authorization: missing or unknown API key (send 'authorization: Bearer <key>')",
-            )
-        assert tenant is not None
-        return tenant
-
     async def Redact(
         self, request: redaction_pb2.RedactRequest, context: Context
     ) -> redaction_pb2.RedactResponse:
-        tenant = await self._tenant(context)
+        tenant = await KeyStore.load(self.settings.state_dir).authenticate(context)
         try:
             self.boundary.check([request.text], "text")
             applied, policy = await self.boundary.redact(tenant, [request.text], request.language)
@@ -94,7 +83,7 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
     async def RedactStream(
         self, request_iterator: AsyncIterator[redaction_pb2.RedactStreamRequest], context: Context
     ) -> AsyncIterator[redaction_pb2.RedactStreamResponse]:
-        tenant = await self._tenant(context)
+        tenant = await KeyStore.load(self.settings.state_dir).authenticate(context)
         try:
             stream = output_redactor(self.boundary, tenant, self.settings.output_redaction_holdback_chars)
             async for request in request_iterator:
