@@ -23,10 +23,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
 
 from sluice.config import Settings
+from sluice.kafka import with_backoff
 from sluice.logs import get_logger
 from sluice.topics import BUDGETS, USAGE
 from sluice.v1 import billing_pb2, events_pb2
@@ -48,6 +51,7 @@ APP_ID = "sluice-metering-budgets"
 POLICIES = "sluice.budget-policies.v1"
 ALERTS = "sluice.budget-alerts.v1"
 SCOPED = "sluice-metering-budgets-scoped"
+SCOPED_PARTITIONS = 3
 USAGE_MARK = b"U"
 POLICY_MARK = b"P"
 
@@ -85,6 +89,7 @@ class BudgetStream:
     """The faust app, wired to the settings of the metering process that embeds it."""
 
     def __init__(self, settings: Settings) -> None:
+        self.bootstrap = settings.bootstrap
         self.app = faust.App(
             APP_ID,
             broker=f"kafka://{settings.bootstrap}",
@@ -101,7 +106,7 @@ class BudgetStream:
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"
         self.inputs = self.app.topic(USAGE, POLICIES, **raw)
-        self.scoped = self.app.topic(SCOPED, internal=True, partitions=3, **raw)
+        self.scoped = self.app.topic(SCOPED, internal=True, partitions=SCOPED_PARTITIONS, **raw)
         self.budgets_out = self.app.topic(BUDGETS, **raw)
         self.alerts_out = self.app.topic(ALERTS, **raw)
         # scope|period|window start -> [nanos, tokens, requests]
@@ -116,12 +121,34 @@ class BudgetStream:
 
     async def run(self) -> None:
         """Run embedded in the metering process until cancelled."""
+        await self._declare_scoped_topic()
         await self.app.start()
         log.info("budget stream started", app=APP_ID)
         try:
             await asyncio.Event().wait()
         finally:
             await self.app.stop()
+
+    async def _declare_scoped_topic(self) -> None:
+        """Create the internal topic before faust subscribes to it.
+
+        The broker does not auto-create topics, and when faust's own declaration loses
+        the race with its consumer, the consumer keeps stale metadata for five minutes
+        and the stream sits idle ("Stream has not started processing").
+        """
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-metering-budgets")
+            await admin.start()
+            try:
+                if SCOPED not in await admin.list_topics():
+                    await admin.create_topics([NewTopic(SCOPED, SCOPED_PARTITIONS, 1)])
+            except TopicAlreadyExistsError:
+                pass  # another metering replica won the race
+            finally:
+                await admin.close()
+
+        await with_backoff("budget stream topics", "metering", create)
 
     async def _route(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
