@@ -80,6 +80,16 @@ async def start_producer(
     return await with_backoff("producer", service, start)
 
 
+async def started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
+    """Start `consumer`, closing it when start fails so that retries leak no connections."""
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
 async def start_partition_reader(
     bootstrap: str, service: str, client_id: str, tp: TopicPartition, offset: int | None = None
 ) -> AIOKafkaConsumer:
@@ -225,12 +235,7 @@ class EventConsumer:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
         )
-        try:
-            await consumer.start()
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
+        return await started(consumer)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         started = time.perf_counter()

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from sluice.kafka import with_backoff
+from sluice.kafka import started, with_backoff
 
 SERVICE = "metering"
 
@@ -29,12 +29,7 @@ async def read_committed(
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
-        try:
-            await consumer.start()
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
+        return await started(consumer)
 
     consumer = await with_backoff(f"replay {topic}", SERVICE, start)
     try:

@@ -52,6 +52,15 @@ def check_request(event: events_pb2.GenerationRequested) -> None:
         raise BadEvent("params.max_tokens: must be greater than 0")
 
 
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """The gRPC status a failed redaction call answers with (RPCs only; Kafka fails closed)."""
+    if isinstance(exc, InvalidText | PolicyError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.UNAVAILABLE
+
+
 @dataclass
 class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
     settings: Settings
@@ -64,12 +73,8 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
         try:
             self.boundary.check([request.text], "text")
             applied, policy = await self.boundary.redact(tenant, [request.text], request.language)
-        except (InvalidText, PolicyError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DeadlineExceeded as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except RedactionError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (InvalidText, PolicyError, DeadlineExceeded, RedactionError) as exc:
+            await context.abort(status_for(exc), str(exc))
         return redaction_pb2.RedactResponse(
             text=applied.texts[0],
             entity_counts=applied.entity_counts,
@@ -94,12 +99,8 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
                 if stream.held > self.settings.redaction_max_text_bytes:
                     raise InvalidText("delta: held-back text is over the size limit")
             rest = await asyncio.to_thread(stream.finish)
-        except (InvalidText, PolicyError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DeadlineExceeded as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except RedactionError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (InvalidText, PolicyError, DeadlineExceeded, RedactionError) as exc:
+            await context.abort(status_for(exc), str(exc))
         if rest:
             yield redaction_pb2.RedactStreamResponse(delta=rest)
 
