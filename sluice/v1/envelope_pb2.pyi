@@ -33,6 +33,7 @@ class Envelope(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Stable id of the request this event belongs to; also the Kafka key."""
     attempt: _builtins.int
@@ -51,6 +52,12 @@ class Envelope(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the producing service created this event."""
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the caller stops waiting; unset means no deadline. Every stage
+        drops (or completes as expired) work whose deadline has passed.
+        """
+
     def __init__(
         self,
         *,
@@ -62,10 +69,11 @@ class Envelope(_message.Message):
         schema_version: _builtins.int = ...,
         event_id: _builtins.str = ...,
         producer: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "event_id", b"event_id", "event_time", b"event_time", "producer", b"producer", "request_id", b"request_id", "schema_version", b"schema_version", "tenant", b"tenant", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline", b"deadline", "event_id", b"event_id", "event_time", b"event_time", "producer", b"producer", "request_id", b"request_id", "schema_version", b"schema_version", "tenant", b"tenant", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

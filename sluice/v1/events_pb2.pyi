@@ -35,6 +35,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 3
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 4
+    FINISH_REASON_EXPIRED: _FinishReason.ValueType  # 5
+    """The deadline passed before the request was started."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper): ...
 
@@ -43,6 +45,8 @@ FINISH_REASON_STOP: FinishReason.ValueType  # 1
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 FINISH_REASON_ERROR: FinishReason.ValueType  # 3
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
+FINISH_REASON_EXPIRED: FinishReason.ValueType  # 5
+"""The deadline passed before the request was started."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -341,6 +345,10 @@ class CompletionFinished(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ENGINE_BUSY_MS_FIELD_NUMBER: _builtins.int
+    QUEUE_WAIT_MS_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     time_to_first_token_ms: _builtins.int
@@ -351,6 +359,15 @@ class CompletionFinished(_message.Message):
     """Metering area (40-49): this request's share of the engine's busy time, for
     GPU-hour pricing; when 0, metering uses duration_ms.
     """
+    queue_wait_ms: _builtins.int
+    """Fields 60-69: inference area.
+    Time from the prompt being assembled to generation starting.
+    """
+    inter_token_ms: _builtins.float
+    """Mean time between output tokens after the first, in milliseconds."""
+    engine: _builtins.str
+    """Engine kind ("llamacpp", "trtllm", "openai") and its model build."""
+    model_version: _builtins.str
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -370,10 +387,14 @@ class CompletionFinished(_message.Message):
         reply_to: _envelope_pb2.ReplyTo | None = ...,
         error: _builtins.str = ...,
         engine_busy_ms: _builtins.int = ...,
+        queue_wait_ms: _builtins.int = ...,
+        inter_token_ms: _builtins.float = ...,
+        engine: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "reply_to", b"reply_to", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "engine_busy_ms", b"engine_busy_ms", "envelope", b"envelope", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "reply_to", b"reply_to", "time_to_first_token_ms", b"time_to_first_token_ms", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "engine", b"engine", "engine_busy_ms", b"engine_busy_ms", "envelope", b"envelope", "error", b"error", "finish_reason", b"finish_reason", "inter_token_ms", b"inter_token_ms", "model", b"model", "model_version", b"model_version", "queue_wait_ms", b"queue_wait_ms", "reply_to", b"reply_to", "time_to_first_token_ms", b"time_to_first_token_ms", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,6 +573,7 @@ class ReplyEvent(_message.Message):
     CHARGED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     PSEUDONYMS_FIELD_NUMBER: _builtins.int
+    RESTARTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -568,6 +590,12 @@ class ReplyEvent(_message.Message):
         which only the caller's gateway can open to restore the originals.
         """
 
+    @_builtins.property
+    def restarted(self) -> Global___StreamRestarted:
+        """Fields 60-69: inference area. A worker re-runs the request after the
+        previous attempt's worker died; chunks restart at seq 0.
+        """
+
     def __init__(
         self,
         *,
@@ -577,16 +605,37 @@ class ReplyEvent(_message.Message):
         charged: Global___StreamCharged | None = ...,
         failed: Global___StreamFailed | None = ...,
         pseudonyms: _privacy_pb2.PseudonymVault | None = ...,
+        restarted: Global___StreamRestarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms", "restarted", b"restarted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "charged", b"charged", "chunk", b"chunk", "envelope", b"envelope", "failed", b"failed", "finished", b"finished", "pseudonyms", b"pseudonyms", "restarted", b"restarted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["chunk", "finished", "charged", "failed", "pseudonyms"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["chunk", "finished", "charged", "failed", "pseudonyms", "restarted"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ReplyEvent: _TypeAlias = ReplyEvent  # noqa: Y015
+
+@_typing.final
+class StreamRestarted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt now streaming."""
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRestarted: _TypeAlias = StreamRestarted  # noqa: Y015
 
 @_typing.final
 class FeedbackSubmitted(_message.Message):
@@ -823,3 +872,53 @@ class BudgetState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BudgetState: _TypeAlias = BudgetState  # noqa: Y015
+
+@_typing.final
+class ControlEvent(_message.Message):
+    """On sluice.control.v1: an instruction about a request in flight, e.g. the
+    caller went away. Keyed by request_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelope(self) -> _envelope_pb2.Envelope: ...
+    @_builtins.property
+    def cancel(self) -> Global___CancelRequest: ...
+    def __init__(
+        self,
+        *,
+        envelope: _envelope_pb2.Envelope | None = ...,
+        cancel: Global___CancelRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "envelope", b"envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["cancel"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___ControlEvent: _TypeAlias = ControlEvent  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the completion and the audit trail (e.g. "client disconnected")."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
