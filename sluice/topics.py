@@ -19,6 +19,7 @@ from sluice.v1 import compliance_pb2, events_pb2  # noqa: F401
 REQUESTS = "sluice.requests.v1"
 REDACTED = "sluice.redacted.v1"
 PROMPTS = "sluice.prompts.v1"
+PROMPTS_BATCH = "sluice.prompts-batch.v1"
 TOKENS = "sluice.tokens.v1"
 COMPLETIONS = "sluice.completions.v1"
 USAGE = "sluice.usage.v1"

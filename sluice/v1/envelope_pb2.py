@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/envelope.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x01\n\x08\x45nvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x16\n\x0eschema_version\x18\x06 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x10\n\x08producer\x18\x08 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x07ReplyTo\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\ngateway_id\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\"N\n\x04\x43ost\x12\r\n\x05nanos\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x15\n\rprice_version\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/envelope.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x01\n\x08\x45nvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x16\n\x0eschema_version\x18\x06 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x10\n\x08producer\x18\x08 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x07ReplyTo\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63ompletion_only\x18\x04 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\"N\n\x04\x43ost\x12\r\n\x05nanos\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x15\n\rprice_version\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE']._serialized_start=73
   _globals['_ENVELOPE']._serialized_end=311
   _globals['_REPLYTO']._serialized_start=313
-  _globals['_REPLYTO']._serialized_end=376
-  _globals['_CHATMESSAGE']._serialized_start=378
-  _globals['_CHATMESSAGE']._serialized_end=422
-  _globals['_USAGE']._serialized_start=424
-  _globals['_USAGE']._serialized_end=526
-  _globals['_COST']._serialized_start=528
-  _globals['_COST']._serialized_end=606
+  _globals['_REPLYTO']._serialized_end=401
+  _globals['_CHATMESSAGE']._serialized_start=403
+  _globals['_CHATMESSAGE']._serialized_end=447
+  _globals['_USAGE']._serialized_start=449
+  _globals['_USAGE']._serialized_end=551
+  _globals['_COST']._serialized_start=553
+  _globals['_COST']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

@@ -88,20 +88,24 @@ class ReplyTo(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    COMPLETION_ONLY_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     gateway_id: _builtins.str
     """Gateway instance that waits for the reply; empty for Kafka-only producers."""
+    completion_only: _builtins.bool
+    """Only the completion is wanted on `topic`, no token chunks (Kafka batch mode)."""
     def __init__(
         self,
         *,
         topic: _builtins.str = ...,
         partition: _builtins.int = ...,
         gateway_id: _builtins.str = ...,
+        completion_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_id", b"gateway_id", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_only", b"completion_only", "gateway_id", b"gateway_id", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -118,6 +118,8 @@ class GenerationRequested(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     user: _builtins.str
     """End-user id as given by the caller."""
@@ -128,6 +130,11 @@ class GenerationRequested(_message.Message):
     """Metering area (40-49): first 12 hex digits of the SHA-256 of the caller's
     API key, so usage can be grouped and limited per key without the key.
     """
+    batch: _builtins.bool
+    """Fields 70-79: gateway area. Async batch work (SubmitBatch, or a Kafka
+    producer's batch mode): served after interactive requests.
+    """
+    batch_id: _builtins.str
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -163,10 +170,12 @@ class GenerationRequested(_message.Message):
         context: _abc.Iterable[_builtins.str] | None = ...,
         max_tokens_defaulted: _builtins.bool = ...,
         key_id: _builtins.str = ...,
+        batch: _builtins.bool = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "envelope", b"envelope", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "batch_id", b"batch_id", "context", b"context", "envelope", b"envelope", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,11 +239,18 @@ class RequestRedacted(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     user: _builtins.str
     policy_version: _builtins.str
     max_tokens_defaulted: _builtins.bool
     """True when the caller left max_tokens unset, so a template default may apply."""
+    batch: _builtins.bool
+    """Fields 70-79: gateway area. Async batch work (SubmitBatch, or a Kafka
+    producer's batch mode): served after interactive requests.
+    """
+    batch_id: _builtins.str
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -272,10 +288,12 @@ class RequestRedacted(_message.Message):
         variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context: _abc.Iterable[_builtins.str] | None = ...,
         max_tokens_defaulted: _builtins.bool = ...,
+        batch: _builtins.bool = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "entity_counts", b"entity_counts", "envelope", b"envelope", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "policy_version", b"policy_version", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "batch_id", b"batch_id", "context", b"context", "entity_counts", b"entity_counts", "envelope", b"envelope", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "policy_version", b"policy_version", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,10 +313,17 @@ class PromptAssembled(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
     TEMPLATE_USED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
     prompt_tokens: _builtins.int
     template: _builtins.str
+    batch: _builtins.bool
+    """Fields 70-79: gateway area. Async batch work (SubmitBatch, or a Kafka
+    producer's batch mode): served after interactive requests.
+    """
+    batch_id: _builtins.str
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
@@ -320,10 +345,12 @@ class PromptAssembled(_message.Message):
         reply_to: _envelope_pb2.ReplyTo | None = ...,
         template: _builtins.str = ...,
         template_used: _templates_pb2.TemplateUse | None = ...,
+        batch: _builtins.bool = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template_used", b"template_used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "model", b"model", "params", b"params", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reply_to", b"reply_to", "template", b"template", "template_used", b"template_used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "batch_id", b"batch_id", "envelope", b"envelope", "model", b"model", "params", b"params", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reply_to", b"reply_to", "template", b"template", "template_used", b"template_used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
