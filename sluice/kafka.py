@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from sluice import envelope as envelopes
 from sluice import metrics
 from sluice.logs import get_logger
-from sluice.topics import DLQ, BadEvent, Codec
+from sluice.topics import DLQ, TOKENS, BadEvent, Codec
 from sluice.v1 import events_pb2
 
 log = get_logger()
@@ -170,6 +170,17 @@ class RequestFailed(Exception):
         self.code = code
 
 
+def reply_partition(reply_to: Any) -> int | None:
+    """The partition a reply goes to: a gateway's own on sluice.tokens.v1; elsewhere (a Kafka
+    producer's reply topic, batch replies) none, so the record is keyed by request_id."""
+    return int(reply_to.partition) if reply_to.topic == TOKENS else None
+
+
+def wants_chunk(reply_to: Any) -> bool:
+    """Token chunks go to the reply topic unless only the completion was asked for."""
+    return bool(reply_to.topic) and not reply_to.completion_only
+
+
 def failure_reply(event: Message, code: str, message: str, stage: str) -> list[Output]:
     """A StreamFailed for the gateway waiting on `event`'s request, if one is waiting."""
     reply_to = getattr(event, "reply_to", None)
@@ -179,7 +190,7 @@ def failure_reply(event: Message, code: str, message: str, stage: str) -> list[O
         envelope=envelopes.follow(event.envelope, stage),  # type: ignore[attr-defined]
         failed=events_pb2.StreamFailed(code=code, message=message, stage=stage),
     )
-    return [Output(reply_to.topic, reply, reply.envelope.request_id, reply_to.partition)]
+    return [Output(reply_to.topic, reply, reply.envelope.request_id, reply_partition(reply_to))]
 
 
 @dataclass
@@ -213,9 +224,13 @@ class EventConsumer:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
                 # Across partitions, handle in event-time order (each partition's order kept),
                 # so a request's stages are seen in the order they happened.
+                handled: dict[TopicPartition, int] = {}
                 for record in heapq.merge(*batches.values(), key=lambda r: r.timestamp):
                     await self._handle(record)
-                    await self._commit(TopicPartition(record.topic, record.partition), record.offset + 1)
+                    handled[TopicPartition(record.topic, record.partition)] = record.offset + 1
+                # One commit per poll, after every record's outputs are acknowledged: a crash
+                # re-delivers at most this poll, which the (request_id, attempt) dedupe absorbs.
+                await self._commit(handled)
                 if self._pending_offsets:
                     await with_backoff("produce", self.service, self._produce_batch)
         finally:
@@ -276,38 +291,7 @@ class EventConsumer:
     def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], event: Message | None, reason: str, code: str
     ) -> list[Output]:
-        env = getattr(event, "envelope", None)
-        request_id = env.request_id if env is not None and env.request_id else ""
-        log.warning(
-            "dead-lettered",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            request_id=request_id,
-        )
-        if record.topic == DLQ:
-            return []  # never dead-letter a dead letter: that could loop forever
-        payload = record.value or b""
-        letter = events_pb2.DeadLetter(
-            envelope=envelopes.new_envelope(
-                request_id=request_id or f"dlq-{record.topic}-{record.partition}-{record.offset}",
-                tenant=env.tenant if env is not None and env.tenant else "unknown",
-                attempt=max(env.attempt, 1) if env is not None else 1,
-                producer=self.service,
-            ),
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            consumer_group=self.group_id,
-            reason=reason,
-            payload_sha256=hashlib.sha256(payload).hexdigest(),
-            payload_size=len(payload),
-        )
-        outputs = [Output(DLQ, letter, letter.envelope.request_id)]
-        if env is not None and env.request_id:
-            outputs.extend(failure_reply(event, code, reason, self.service))  # type: ignore[arg-type]
-        return outputs
+        return dead_letter(self.service, self.group_id, record, event, reason, code)
 
     async def _produce(self, outputs: Sequence[Output], record: ConsumerRecord[bytes, bytes]) -> None:
         if self.transactional and self.batch_transactions:
@@ -330,25 +314,73 @@ class EventConsumer:
         self._pending_offsets.clear()
 
     async def _send_all(self, outputs: Sequence[Output]) -> None:
-        pending = [
-            await self.producer.send(
-                o.topic,
-                o.event.SerializeToString(),
-                key=o.key.encode(),
-                partition=o.partition,
-                headers=list(o.headers) or None,
-            )
-            for o in outputs
-        ]
-        for future in pending:
-            await future
-        for o in outputs:
-            metrics.EVENTS_PRODUCED.labels(self.service, o.topic).inc()
+        await send_all(self.producer, self.service, outputs)
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
-        if self.transactional or self._consumer is None:
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.transactional or self._consumer is None or not offsets:
             return  # committed inside the transaction
-        await self._consumer.commit({tp: offset})
+        await self._consumer.commit(offsets)
+
+
+async def send_all(producer: AIOKafkaProducer, service: str, outputs: Sequence[Output]) -> None:
+    """Produce `outputs` together and return once the broker has acknowledged every one."""
+    pending = [
+        await producer.send(
+            o.topic,
+            o.event.SerializeToString(),
+            key=o.key.encode(),
+            partition=o.partition,
+            headers=list(o.headers) or None,
+        )
+        for o in outputs
+    ]
+    for future in pending:
+        await future
+    for o in outputs:
+        metrics.EVENTS_PRODUCED.labels(service, o.topic).inc()
+
+
+def dead_letter(
+    service: str,
+    group_id: str,
+    record: ConsumerRecord[bytes, bytes],
+    event: Message | None,
+    reason: str,
+    code: str,
+) -> list[Output]:
+    """The DLQ record for `record` (coordinates and digest, never the payload) and the caller's failure."""
+    env = getattr(event, "envelope", None)
+    request_id = env.request_id if env is not None and env.request_id else ""
+    log.warning(
+        "dead-lettered",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason,
+        request_id=request_id,
+    )
+    if record.topic == DLQ:
+        return []  # never dead-letter a dead letter: that could loop forever
+    payload = record.value or b""
+    letter = events_pb2.DeadLetter(
+        envelope=envelopes.new_envelope(
+            request_id=request_id or f"dlq-{record.topic}-{record.partition}-{record.offset}",
+            tenant=env.tenant if env is not None and env.tenant else "unknown",
+            attempt=max(env.attempt, 1) if env is not None else 1,
+            producer=service,
+        ),
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        consumer_group=group_id,
+        reason=reason,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_size=len(payload),
+    )
+    outputs = [Output(DLQ, letter, letter.envelope.request_id)]
+    if env is not None and env.request_id:
+        outputs.extend(failure_reply(event, code, reason, service))  # type: ignore[arg-type]
+    return outputs
 
 
 async def send(producer: AIOKafkaProducer, service: str, output: Output) -> None:
