@@ -11,7 +11,7 @@ import asyncio
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from aiokafka import AIOKafkaProducer
@@ -29,6 +29,15 @@ log = logs.get_logger()
 
 # What every RPC handler receives; aliased so servicers need not repeat the generics.
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Consumer(Protocol):
+    """What `serve` runs and drains: EventConsumer, or InFlightConsumer for concurrent work."""
+
+    group_id: str
+
+    async def run(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class Service:
     def apis(self) -> Sequence[GrpcApi]:
         return ()
 
-    async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
+    async def connect(self, runtime: Runtime) -> Sequence[Consumer]:
         return ()
 
     async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
@@ -116,7 +125,7 @@ async def serve(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def start_up() -> tuple[AIOKafkaProducer, list[EventConsumer], list[asyncio.Task[None]]]:
+    async def start_up() -> tuple[AIOKafkaProducer, list[Consumer], list[asyncio.Task[None]]]:
         await service.prepare()
         producer = await start_producer(settings.bootstrap, name, service.transactional_id)
         runtime = Runtime(settings, name, Codec(load_plan(settings.topics_file)), producer)
