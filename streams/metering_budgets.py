@@ -20,11 +20,12 @@ import asyncio
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from faust.tables.manager import TableManager
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
 
@@ -118,6 +119,7 @@ class BudgetStream:
         self.app.agent(self.inputs, name="route")(self._route)
         self.app.agent(self.scoped, name="account")(self._account)
         self.app.finalize()
+        self.ready = asyncio.Event()
 
     async def run(self) -> None:
         """Run embedded in the metering process until cancelled."""
@@ -125,6 +127,10 @@ class BudgetStream:
         await self.app.start()
         log.info("budget stream started", app=APP_ID)
         try:
+            # Budgets are only right once the tables are rebuilt from their changelogs.
+            await cast(TableManager, self.app.tables).recovery.completed.wait()
+            self.ready.set()
+            log.info("budget stream ready", app=APP_ID)
             await asyncio.Event().wait()
         finally:
             await self.app.stop()

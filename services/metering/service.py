@@ -96,10 +96,16 @@ class MeteringService(Service):
         producer = self.side_producer
         await send(producer, self.name, Output(PRICES, self.catalog.to_proto(), self.catalog.version))
         log.info("price catalog published", version=self.catalog.version, models=len(self.catalog.models))
-        return [
-            asyncio.create_task(self.budgets.run(), name="budget-stream"),
-            asyncio.create_task(_hold(producer), name="metering-producer"),
-        ]
+        stream = asyncio.create_task(self.budgets.run(), name="budget-stream")
+        # Report SERVING only once budgets are known: before that, GetBudget would answer wrong.
+        ready = asyncio.create_task(self.budgets.ready.wait())
+        await asyncio.wait([stream, ready], return_when=asyncio.FIRST_COMPLETED)
+        if stream.done():
+            ready.cancel()
+            stream.result()  # raises why the stream stopped
+            raise RuntimeError("budget stream stopped before it was ready")
+        log.info("budget stream ready")
+        return [stream, asyncio.create_task(_hold(producer), name="metering-producer")]
 
     async def price(
         self, event: events_pb2.CompletionFinished, record: ConsumerRecord[bytes, bytes]
