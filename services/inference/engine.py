@@ -31,19 +31,42 @@ class Sampling:
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """Newly displayable text; `token_id` is None for a final flush of held-back text."""
+    """Newly displayable text and how many generated tokens it carries.
+
+    `token_id` is the sampled token when the event is exactly one known token,
+    else None: a final flush of held-back text (tokens == 0), or a remote
+    engine's chunk whose token ids are not sent (tokens >= 1). Count usage with
+    `tokens`, never with `token_id`. `tokens` defaults to 1 when `token_id` is
+    set and 0 otherwise.
+    """
 
     text: str
     token_id: int | None
+    tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            object.__setattr__(self, "tokens", 0 if self.token_id is None else 1)
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
+    """Exact usage of one generation (it is what the request is billed for).
+
+    `prompt_tokens` counts every prompt token fed to the model, even those a
+    prefix cache spared recomputing (`cached_tokens` of them). `completion_tokens`
+    counts every token generated, including tokens produced after the consumer
+    stopped reading (a cancelled request still pays for them).
+    `usage_exact` is False only when the engine did not report usage and Sluice
+    counted it itself (an OpenAI-compatible server that omits the usage chunk).
+    """
+
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
     stop_sequence: str | None = None
+    usage_exact: bool = True
 
     @property
     def total_tokens(self) -> int:
@@ -76,17 +99,26 @@ class Engine(Protocol):
         """Load the model; raise EngineLoadError when it cannot serve."""
 
     def stream(self, request_id: str, prompt: str, sampling: Sampling) -> TokenStream:
-        """Start one generation; raise PromptTooLong or ValueError before taking capacity."""
+        """Start one generation; raise PromptTooLong or ValueError before taking capacity.
+
+        Generation begins on the first `__anext__`. More than `capacity` streams
+        may exist; the extra ones wait (in the engine's queue) for room.
+        """
 
     async def abort(self, request_id: str) -> None:
-        """Stop `request_id` if it is running; its stream then ends with finish_reason 'cancelled'."""
+        """Stop `request_id` if it is running; its stream then ends with finish_reason 'cancelled'.
+
+        Returns at once; the stream's consumer sees the end within one token
+        step. Unknown or finished request ids are ignored.
+        """
 
     @property
     def capacity(self) -> int:
         """How many generations may run at once (slots, or the engine's batch limit)."""
 
     @property
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Generations started and not yet finished (waiting for a slot counts too)."""
 
     async def health(self) -> Health: ...
 

@@ -1,4 +1,4 @@
-"""Streaming llama.cpp inference engine (llama-cpp-python 0.3.x).
+"""In-process llama.cpp engine (llama-cpp-python 0.3.x), the default engine.
 
 Design
 ======
@@ -7,15 +7,16 @@ Design
   instances (each with its own context / KV cache, weights mmap-shared).  A
   request holds exactly one slot for its whole generation, so up to ``slots``
   requests generate in parallel; further requests wait (FIFO) for a free slot.
-  Each slot keeps its KV cache between requests, so ``Llama.generate`` reuses a
-  common prompt prefix (e.g. the system prompt) automatically.
+  There is no global lock around generation.  Each slot keeps its KV cache
+  between requests, so ``Llama.generate`` reuses a common prompt prefix (e.g.
+  the system prompt); that reuse is reported as ``cached_tokens``.
 * **Threads.** The llama.cpp generate loop is synchronous and CPU-bound; it runs
   in a dedicated worker thread per request (ctypes releases the GIL while
   llama.cpp computes).  Tokens are handed to the asyncio side with
   ``loop.call_soon_threadsafe(queue.put_nowait, ...)``, so the event loop never
   blocks.  The worker checks a ``threading.Event`` before sampling every token
-  and stops promptly once the consumer goes away (``aclose()``, cancellation,
-  or garbage collection of the stream).
+  and stops promptly once the consumer goes away (``aclose()``, ``abort()``,
+  cancellation, or garbage collection of the stream).
 * **Loop-agnostic.** The slot pool is guarded by a ``threading.Lock`` and wakes
   waiters on *their* event loop, so one engine may be used from several event
   loops over its lifetime (e.g. one ``asyncio.run`` per test).
@@ -26,19 +27,20 @@ Token accounting (exact)
 ``prompt_tokens``
     ``len(tokenize_prompt(prompt))``: every token of the prompt as fed to the
     model (including BOS when the GGUF asks for it).  This is what the request
-    costs, even if the slot's KV cache let llama.cpp skip re-decoding a prefix.
+    costs, even if the slot's KV cache let llama.cpp skip re-decoding a prefix
+    (``cached_tokens`` says how many were skipped).
 ``completion_tokens``
     Every token *sampled* for this request **except** the end-of-generation
     token (``llama_vocab_is_eog``: EOS/EOT/``<|im_end|>`` ...), which is never
     shown to the caller.  A token that completes a stop string *is* counted (it
     was generated), even though the stop string itself is not emitted.  Hence
     ``completion_tokens <= max_tokens``, and ``completion_tokens`` equals the
-    number of :class:`TokenEvent` s with ``token_id is not None``.
+    sum of :attr:`TokenEvent.tokens`.
 
 Finish reasons: ``"stop"`` (end-of-generation token or stop string),
-``"length"`` (``max_tokens`` reached) and ``"cancelled"`` (the consumer closed
-the stream early; only visible via :attr:`TokenStream.result` after
-``aclose()``, useful for metering partial generations).
+``"length"`` (``max_tokens`` reached) and ``"cancelled"`` (``abort()`` or the
+consumer closed the stream early; visible via ``result`` after ``aclose()``,
+so partial generations are billed).
 """
 
 from __future__ import annotations
@@ -48,68 +50,65 @@ import codecs
 import concurrent.futures
 import contextlib
 import ctypes
+import hashlib
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self, TypeAlias, cast
+from typing import Any, Final, Self, TypeAlias, cast
 
 import llama_cpp
 
+from services.inference.engine import (
+    EngineLoadError,
+    FinishReason,
+    GenerationResult,
+    Health,
+    Sampling,
+    TokenEvent,
+)
+from services.inference.engine_support import (
+    InFlight,
+    Interruptible,
+    StopMatcher,
+    check_prompt_fits,
+    validate_sampling,
+)
+
 __all__ = [
     "DEFAULT_SEED",
-    "FinishReason",
-    "GenerationResult",
     "LlamaCppEngine",
-    "TokenEvent",
-    "TokenStream",
+    "LlamaTokenStream",
     "default_n_threads",
+    "gguf_version",
     "tokenize_prompt",
 ]
-
-FinishReason = Literal["stop", "length", "cancelled"]
 
 #: llama.cpp's "pick a random seed" sentinel (0xFFFFFFFF).
 DEFAULT_SEED: Final[int] = int(llama_cpp.LLAMA_DEFAULT_SEED)
 
 
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One step of a streamed generation.
-
-    ``text`` is the newly *displayable* text.  It may be ``""`` when the token
-    ends inside an incomplete UTF-8 sequence (the text arrives with a later
-    token) or while the text might be the beginning of a stop string.
-    ``token_id`` is the sampled token, or ``None`` for a final flush-only event
-    (text held back for a possible stop string, emitted when generation ended on
-    an end-of-generation token).
-    """
-
-    text: str
-    token_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationResult:
-    """Summary of a finished generation (see module docstring for semantics)."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    #: The stop string that ended generation, if any.
-    stop_sequence: str | None = None
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
 # --------------------------------------------------------------------------- #
 # llama.cpp helpers
 # --------------------------------------------------------------------------- #
+
+
+def gguf_version(path: Path) -> str:
+    """``<file name>@<size>-<sha256 of size, head and tail>``: names the exact weights served.
+
+    Hashing the first and last MiB (not the whole file) keeps start-up fast
+    for multi-GB models while still telling two builds apart.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return f"{path.name}@{size}-{digest.hexdigest()[:12]}"
 
 
 def _vocab_of(llm: llama_cpp.Llama) -> llama_cpp.llama_vocab_p:
@@ -147,45 +146,6 @@ def _token_bytes(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
     return buf.raw[: max(n, 0)]
-
-
-class _StopMatcher:
-    """Finds stop strings across token boundaries.
-
-    Text that could be the beginning of a stop string is held back until it is
-    either ruled out (then emitted) or completed (then dropped).
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(dict.fromkeys(s for s in stops if s))
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, str | None]:
-        """Returns (text safe to emit, matched stop string or None)."""
-        if not self._stops:
-            return text, None
-        buf = self._pending + text
-        best: tuple[int, str] | None = None
-        for s in self._stops:
-            i = buf.find(s)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is not None:
-            self._pending = ""
-            return buf[: best[0]], best[1]
-        hold = 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(buf) - hold
-        self._pending = buf[cut:]
-        return buf[:cut], None
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,25 +224,29 @@ class _SlotPool:
 _Item: TypeAlias = "TokenEvent | GenerationResult | BaseException"
 
 
-class TokenStream(AsyncIterator[TokenEvent]):
-    """Async iterator of :class:`TokenEvent` for one request.
+class LlamaTokenStream(Interruptible):
+    """Async iterator of :class:`TokenEvent` for one request (see the module docstring).
 
     Iterate with ``async for``; after normal exhaustion :attr:`result` holds the
     :class:`GenerationResult`.  ``aclose()`` (or ``async with``) stops the
     worker thread early and waits until it has released its slot; ``result``
     is then available too (``finish_reason == "cancelled"`` unless generation
     had already finished).  The slot is acquired lazily on the first
-    ``__anext__``.
+    ``__anext__``; ``interrupt()`` (the engine's ``abort``) also ends a stream
+    still waiting for a slot.
     """
 
-    def __init__(self, engine: LlamaCppEngine, request: _Request) -> None:
+    def __init__(self, engine: LlamaCppEngine, request_id: str, request: _Request) -> None:
         self._engine = engine
+        self._request_id = request_id
         self._request = request
         self._stop = threading.Event()
         self._queue: asyncio.Queue[_Item] | None = None
         self._done: concurrent.futures.Future[GenerationResult] | None = None
         self._result: GenerationResult | None = None
         self._closed = False
+        self._wakeup: asyncio.Future[None] | None = None
+        engine._table.add(request_id, self)
 
     @property
     def prompt_tokens(self) -> int:
@@ -294,6 +258,14 @@ class TokenStream(AsyncIterator[TokenEvent]):
             raise RuntimeError("generation result is available only after the stream is exhausted or closed")
         return self._result
 
+    def interrupt(self) -> None:
+        """Stop generating (thread-safe); a stream waiting for a slot ends at once."""
+        self._stop.set()
+        wakeup = self._wakeup
+        if wakeup is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                wakeup.get_loop().call_soon_threadsafe(_resolve, wakeup)
+
     def __aiter__(self) -> Self:
         return self
 
@@ -301,27 +273,59 @@ class TokenStream(AsyncIterator[TokenEvent]):
         if self._closed:
             raise StopAsyncIteration
         try:
-            if self._queue is None:
-                await self._start()
+            if self._queue is None and not await self._start():
+                self._finish(self._unstarted())
+                raise StopAsyncIteration
             assert self._queue is not None
             item = await self._queue.get()
+        except StopAsyncIteration:
+            raise
         except BaseException:
             # Cancelled while waiting for a slot or a token: stop the worker.
             # The worker releases its slot itself when it exits.
             self._closed = True
             self._stop.set()
+            if self._done is None:
+                self._finish(self._unstarted())
             raise
         if isinstance(item, TokenEvent):
             return item
         self._closed = True
         if isinstance(item, GenerationResult):
-            self._result = item
+            self._finish(item)
             raise StopAsyncIteration
+        self._finish(self._unstarted())
         raise item
 
-    async def _start(self) -> None:
+    def _unstarted(self) -> GenerationResult:
+        return GenerationResult("cancelled", self.prompt_tokens, 0)
+
+    def _finish(self, result: GenerationResult) -> None:
+        if self._result is None:
+            self._result = result
+        self._engine._table.remove(self._request_id, self)
+
+    async def _start(self) -> bool:
+        """Take a slot and start the worker thread; False if interrupted while waiting."""
         loop = asyncio.get_running_loop()
-        slot = await self._engine._pool.acquire()
+        pool = self._engine._pool
+        self._wakeup = loop.create_future()
+        if self._stop.is_set():
+            return False
+        acquire = asyncio.ensure_future(pool.acquire())
+        try:
+            waiting: set[asyncio.Future[Any]] = {acquire, self._wakeup}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            acquire.cancel()
+            raise
+        if not acquire.done() or self._stop.is_set():
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                slot = await acquire
+                pool.release(slot)  # got one in the same instant: hand it back
+            return False
+        slot = acquire.result()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         done: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
         stop = self._stop
@@ -343,22 +347,25 @@ class TokenStream(AsyncIterator[TokenEvent]):
             thread.start()
         except BaseException:
             self._engine._untrack(thread)
-            self._engine._pool.release(slot)
+            pool.release(slot)
             raise
         self._queue = queue
         self._done = done
+        return True
 
     async def aclose(self) -> None:
         """Stop generating and wait until the worker thread has exited."""
         self._closed = True
         self._stop.set()
-        if self._done is not None:
-            try:
-                result = await asyncio.wrap_future(self._done)
-            except Exception:
-                return
-            if self._result is None:
-                self._result = result
+        if self._done is None:
+            self._finish(self._unstarted())
+            return
+        try:
+            result = await asyncio.wrap_future(self._done)
+        except Exception:
+            self._finish(self._unstarted())
+            return
+        self._finish(result)
 
     async def __aenter__(self) -> Self:
         return self
@@ -374,6 +381,11 @@ class TokenStream(AsyncIterator[TokenEvent]):
     def __del__(self) -> None:
         # Abandoned without aclose(): make sure the worker does not run on.
         self._stop.set()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 # --------------------------------------------------------------------------- #
@@ -399,13 +411,26 @@ def default_n_threads(slots: int) -> int:
     return max(1, (_available_cpus() - 1) // max(1, slots))
 
 
+def _cached_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
+    """Prompt tokens the slot's KV cache already holds (``Llama.generate`` skips them)."""
+    cached = 0
+    for a, b in zip(llm.input_ids.tolist(), tokens, strict=False):
+        if a != b:
+            break
+        cached += 1
+    return max(0, min(cached, len(tokens) - 1))  # generate() re-decodes at least one token
+
+
 class LlamaCppEngine:
-    """A pool of ``slots`` llama.cpp instances serving streamed generations.
+    """A pool of ``slots`` llama.cpp instances serving streamed generations (an :class:`Engine`).
 
     ``n_threads=None`` uses :func:`default_n_threads`.
     ``seed`` seeds the sampler of every request (for ``temperature > 0``);
     the default :data:`DEFAULT_SEED` means "random each request".
+    Nothing is loaded until :meth:`start`.
     """
+
+    kind: str = "llamacpp"
 
     def __init__(
         self,
@@ -422,47 +447,95 @@ class LlamaCppEngine:
             raise ValueError(f"n_ctx must be >= 16, got {n_ctx}")
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise FileNotFoundError(f"GGUF model file not found: {str(model_path)!r}")
-        threads = n_threads if n_threads is not None else default_n_threads(slots)
-
-        self.model_path: Final = model_path
-        self.n_threads: Final = threads
+        self.model_path: Final = Path(model_path)
+        self.n_threads: Final = n_threads if n_threads is not None else default_n_threads(slots)
         self.num_slots: Final = slots
+        self.model_version = self.model_path.name
+        self.n_ctx = n_ctx
+        self._seed = seed
+        self._n_batch = n_batch
+        self._started = False
         self._closed = False
         self._active: dict[threading.Thread, threading.Event] = {}
         self._active_lock = threading.Lock()
+        self._table = InFlight()
+        self._slots: tuple[_Slot, ...] = ()
+        self._tokenizer: llama_cpp.Llama | None = None
+        self._pool = _SlotPool(())
 
+    # -- lifecycle ---------------------------------------------------------- #
+
+    async def start(self) -> None:
+        """Load the weights into every slot (in a thread: it takes seconds)."""
+        if self._started:
+            return
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as exc:
+            raise EngineLoadError(f"llama.cpp could not load {str(self.model_path)!r}: {exc}") from exc
+        self._started = True
+
+    def _load(self) -> None:
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {str(self.model_path)!r}")
+        version = gguf_version(self.model_path)
         # Tokenizer used on the event-loop side (vocab only: cheap, no context).
-        self._tokenizer = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        tokenizer = llama_cpp.Llama(model_path=str(self.model_path), vocab_only=True, verbose=False)
         instances: list[_Slot] = []
         try:
-            for i in range(slots):
+            for i in range(self.num_slots):
                 llm = llama_cpp.Llama(
-                    model_path=str(model_path),
-                    n_ctx=n_ctx,
-                    n_batch=min(n_batch, n_ctx),
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    seed=seed,
+                    model_path=str(self.model_path),
+                    n_ctx=self.n_ctx,
+                    n_batch=min(self._n_batch, self.n_ctx),
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    seed=self._seed,
                     verbose=False,
                 )
                 instances.append(_Slot(i, llm))
         except BaseException:
             for s in instances:
                 s.llm.close()
-            self._tokenizer.close()
+            tokenizer.close()
             raise
-        self._slots: Final = tuple(instances)
+        self._tokenizer = tokenizer
+        self._slots = tuple(instances)
         # The context llama.cpp actually allocated (never more than requested).
-        self.n_ctx: Final = min(n_ctx, min(s.llm.n_ctx() for s in instances))
+        self.n_ctx = min(self.n_ctx, min(s.llm.n_ctx() for s in instances))
+        self.model_version = version
         self._pool = _SlotPool(instances)
+
+    @property
+    def context_tokens(self) -> int:
+        return self.n_ctx
+
+    @property
+    def capacity(self) -> int:
+        return self.num_slots
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._table)
+
+    async def health(self) -> Health:
+        if not self._started:
+            return Health(False, "not started")
+        if self._closed:
+            return Health(False, "closed")
+        return Health(True, f"{self.num_slots} slots, {self.free_slots} free")
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._table.get(request_id)
+        if stream is not None:
+            stream.interrupt()
 
     # -- tokenization ------------------------------------------------------- #
 
     def tokenize(self, prompt: str) -> list[int]:
         """Exactly the tokens a generation for ``prompt`` is fed."""
+        if self._tokenizer is None:
+            raise RuntimeError("engine is not started")
         return tokenize_prompt(self._tokenizer, prompt)
 
     def count_tokens(self, prompt: str) -> int:
@@ -470,14 +543,7 @@ class LlamaCppEngine:
 
     # -- generation --------------------------------------------------------- #
 
-    def stream(
-        self,
-        prompt: str,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: Sequence[str] = (),
-    ) -> TokenStream:
+    def stream(self, request_id: str, prompt: str, sampling: Sampling) -> LlamaTokenStream:
         """Start a streamed generation (``async for ev in engine.stream(...)``).
 
         The prompt is passed verbatim (already chat-templated); special tokens
@@ -485,37 +551,22 @@ class LlamaCppEngine:
         temperature + nucleus (``top_p``) sampling over the full vocabulary
         (no top-k / min-p / repetition penalty).
 
-        Raises ``ValueError`` immediately (before any slot is taken) for bad
-        parameters or when the prompt does not fit ``n_ctx - max_tokens``.
+        Raises ``ValueError`` (``PromptTooLong`` when the prompt does not fit
+        ``n_ctx - max_tokens``) immediately, before any slot is taken.
         """
         if self._closed:
             raise RuntimeError("engine is closed")
-        if isinstance(stop, str):
-            stop = (stop,)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if max_tokens >= self.n_ctx:
-            raise ValueError(
-                f"max_tokens={max_tokens} must be smaller than the context size n_ctx={self.n_ctx}"
-            )
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        validate_sampling(sampling, self.n_ctx)
         tokens = self.tokenize(prompt)
-        if not tokens:
-            raise ValueError("prompt is empty (0 tokens)")
-        budget = self.n_ctx - max_tokens
-        if len(tokens) > budget:
-            raise ValueError(
-                f"prompt is too long: {len(tokens)} prompt tokens + max_tokens={max_tokens} "
-                f"exceeds the context size n_ctx={self.n_ctx} (at most {budget} prompt tokens "
-                f"fit with this max_tokens)"
-            )
-        return TokenStream(
-            self,
-            _Request(tokens, max_tokens, float(temperature), float(top_p), tuple(stop)),
+        check_prompt_fits(len(tokens), sampling.max_tokens, self.n_ctx)
+        request = _Request(
+            tokens,
+            sampling.max_tokens,
+            float(sampling.temperature),
+            float(sampling.top_p),
+            tuple(sampling.stop),
         )
+        return LlamaTokenStream(self, request_id, request)
 
     def _worker(
         self,
@@ -550,10 +601,11 @@ class LlamaCppEngine:
     ) -> GenerationResult:
         llm, vocab = slot.llm, slot.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = _StopMatcher(req.stop)
+        matcher = StopMatcher(req.stop)
         completion_tokens = 0
         finish: FinishReason = "length"
         matched: str | None = None
+        cached = _cached_prefix(llm, req.prompt_tokens)
         # generate() evaluates the prompt (reusing this slot's cached prefix),
         # then alternates sample -> yield -> eval(sampled token).  It never ends
         # by itself; we stop by not asking for the next token.
@@ -598,10 +650,11 @@ class LlamaCppEngine:
             finish_reason=finish,
             prompt_tokens=len(req.prompt_tokens),
             completion_tokens=completion_tokens,
+            cached_tokens=cached,
             stop_sequence=matched,
         )
 
-    # -- lifecycle ---------------------------------------------------------- #
+    # -- bookkeeping -------------------------------------------------------- #
 
     @property
     def free_slots(self) -> int:
@@ -622,13 +675,19 @@ class LlamaCppEngine:
         with self._active_lock:
             self._active.pop(thread, None)
 
-    def close(self, timeout: float | None = 30.0) -> None:
+    async def close(self) -> None:
         """Stop all generations, wait for their threads, free the models."""
+        await asyncio.to_thread(self.close_sync)
+
+    def close_sync(self, timeout: float | None = 30.0) -> None:
+        """:meth:`close` for code without an event loop (tests, atexit)."""
         with self._active_lock:
             if self._closed:
                 return
             self._closed = True
             active = list(self._active.items())
+        for stream in self._table.all():
+            stream.interrupt()
         for _, stop in active:
             stop.set()
         for thread, _ in active:
@@ -637,7 +696,8 @@ class LlamaCppEngine:
             return  # a thread is stuck in llama.cpp: leak rather than crash
         for s in self._slots:
             s.llm.close()
-        self._tokenizer.close()
+        if self._tokenizer is not None:
+            self._tokenizer.close()
 
     def __enter__(self) -> Self:
         return self
@@ -648,4 +708,4 @@ class LlamaCppEngine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close_sync()
