@@ -1,0 +1,297 @@
+"""Kafka ingress: every record on sluice.requests.v1 is authenticated before redaction uses it.
+
+Other systems produce `GenerationRequested` straight into Kafka, so the first
+consumer (redaction) repeats what the gateway does for a gRPC call: find the
+API key, check the tenant and model, and decide where replies may go. The
+gateway signs its own records the same way on the caller's behalf, so there is
+one rule for every record and no unsigned back door (docs/ingress.md).
+
+Two ways to authenticate, in record headers:
+
+- `sluice-signature: key_id=<id>,ts=<unix s>,sig=<hex>`: HMAC-SHA256 keyed by
+  the key's stored hash (`sluice ingress secret` prints it) over `signed_text`.
+  The secret never travels, and the signature binds the payload, the record
+  key, the reply topic and a timestamp (refused when older than
+  SLUICE_INGRESS_SIGNATURE_MAX_AGE_S).
+- `sluice-key-ref: <key_id>:<hex SHA-256 of the key>`: the key's hash as a
+  bearer token, for producers that cannot sign. Whoever reads the topic can
+  reuse it, so only where sluice.requests.v1 is locked down.
+
+Replies go to `sluice-reply-to` (a topic allowed by SLUICE_INGRESS_REPLY_TOPICS
+that exists); `sluice-reply-mode: completion` (or `batch: true`) sends only the
+finished/charged/failed events, no token chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.gateway.auth import KeyStore, Principal, _principal
+from services.gateway.validation import Invalid, validate
+from sluice import metrics
+from sluice.config import Settings
+from sluice.kafka import Output, with_backoff
+from sluice.logs import get_logger
+from sluice.topics import BATCH_REPLIES, TOKENS, BadEvent
+from sluice.v1 import events_pb2, gateway_pb2, keys_pb2
+
+log = get_logger()
+
+SIGNATURE = "sluice-signature"
+KEY_REF = "sluice-key-ref"
+REPLY_TO = "sluice-reply-to"
+REPLY_MODE = "sluice-reply-mode"
+SIGNED_PREFIX = "sluice-ingress-v1"
+# Reply topics only Sluice's own services may name (in the body, not the header).
+INTERNAL_REPLY_TOPICS = (TOKENS, BATCH_REPLIES)
+# How long an unknown key id may be waited for: a key made a moment ago may not be read yet.
+KEY_CATCH_UP_S = 1.0
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_FIELD = re.compile(r"(\w+)=([^,]*)")
+
+
+class Rejected(BadEvent):
+    """An ingress refusal; its message (the dead letter's reason) names the header or field."""
+
+
+def signed_text(ts: int, request_id: str, reply_to: str, value: bytes) -> bytes:
+    """What a `sluice-signature` covers: timestamp, record key, reply topic and payload digest."""
+    digest = hashlib.sha256(value).hexdigest()
+    return f"{SIGNED_PREFIX}\n{ts}\n{request_id}\n{reply_to}\n{digest}".encode()
+
+
+def signing_secret(record: keys_pb2.ApiKey) -> bytes:
+    """The HMAC key of a producer: the key's salted hash, which only the key's owner can derive."""
+    return bytes(record.key_hash)
+
+
+def signature_header(
+    key_id: str, secret: bytes, request_id: str, value: bytes, reply_to: str = "", now: float | None = None
+) -> tuple[str, bytes]:
+    ts = int(time.time() if now is None else now)
+    sig = hmac.new(secret, signed_text(ts, request_id, reply_to, value), hashlib.sha256).hexdigest()
+    return SIGNATURE, f"key_id={key_id},ts={ts},sig={sig}".encode()
+
+
+def key_ref_header(key_id: str, key: str) -> tuple[str, bytes]:
+    return KEY_REF, f"{key_id}:{hashlib.sha256(key.encode()).hexdigest()}".encode()
+
+
+async def send_signed(
+    producer: AIOKafkaProducer, service: str, output: Output, record: keys_pb2.ApiKey
+) -> None:
+    """Produce a request signed for `record`'s key (the gateway, on its caller's behalf)."""
+    value = output.event.SerializeToString()
+    header = signature_header(record.key_id, signing_secret(record), output.key, value)
+    await producer.send_and_wait(
+        output.topic, value, key=output.key.encode(), headers=[*output.headers, header]
+    )
+    metrics.EVENTS_PRODUCED.labels(service, output.topic).inc()
+
+
+def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
+    return {name.lower(): bytes(value).decode(errors="replace") for name, value in record.headers or ()}
+
+
+@dataclass
+class ReplyTopics:
+    """Which topics exist, refreshed from the cluster at most every `refresh_s` on a miss."""
+
+    bootstrap: str
+    refresh_s: float = 2.0
+    _known: set[str] = field(default_factory=set)
+    _checked: float = 0.0
+
+    async def exists(self, topic: str) -> bool:
+        if topic not in self._known and time.monotonic() - self._checked >= self.refresh_s:
+            self._known = await with_backoff("topic list", "redaction", self._list)
+            self._checked = time.monotonic()
+        return topic in self._known
+
+    async def _list(self) -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-ingress")
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+
+@dataclass
+class Ingress:
+    settings: Settings
+    keys: KeyStore
+    topics: ReplyTopics
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Ingress:
+        return cls(settings, KeyStore.shared(settings), ReplyTopics(settings.bootstrap))
+
+    def guard(
+        self,
+        handler: Callable[
+            [events_pb2.GenerationRequested, ConsumerRecord[bytes, bytes]], Awaitable[Sequence[Output]]
+        ],
+    ) -> Callable[
+        [events_pb2.GenerationRequested, ConsumerRecord[bytes, bytes]], Awaitable[Sequence[Output]]
+    ]:
+        """`handler`, run only for records that pass `admit` (the others are dead-lettered)."""
+
+        async def admitted(
+            event: events_pb2.GenerationRequested, record: ConsumerRecord[bytes, bytes]
+        ) -> Sequence[Output]:
+            await self.admit(event, record)
+            return await handler(event, record)
+
+        return admitted
+
+    async def admit(
+        self, event: events_pb2.GenerationRequested, record: ConsumerRecord[bytes, bytes]
+    ) -> None:
+        """Authenticate, check and complete `event` in place, or raise Rejected naming the problem.
+
+        On an authentication failure the claimed tenant and reply topic are cleared first,
+        so the dead letter is filed under `unknown` and nothing is sent where the record asked.
+        """
+        headers = _headers(record)
+        try:
+            caller = await self._authenticate(event, record, headers)
+        except Rejected:
+            event.envelope.tenant = ""
+            event.ClearField("reply_to")
+            raise
+        self._check_request(event, caller)
+        await self._route_replies(event, caller, headers)
+
+    async def _authenticate(
+        self,
+        event: events_pb2.GenerationRequested,
+        record: ConsumerRecord[bytes, bytes],
+        headers: dict[str, str],
+    ) -> Principal:
+        if SIGNATURE in headers:
+            caller = await self._verify_signature(headers[SIGNATURE], record, headers.get(REPLY_TO, ""))
+        elif KEY_REF in headers:
+            caller = await self._verify_key_ref(headers[KEY_REF])
+        else:
+            raise Rejected(f"authentication: no {SIGNATURE} or {KEY_REF} header")
+        if event.envelope.tenant != caller.tenant:
+            raise Rejected("envelope.tenant: does not match the API key's tenant")
+        if caller.role == "auditor":
+            raise Rejected("authentication: an auditor key may not make requests")
+        return caller
+
+    async def _record(self, key_id: str) -> keys_pb2.ApiKey:
+        """The key's record, waiting briefly for one created a moment ago; revoked keys fail."""
+        if not self.keys.ready.is_set():
+            await self.keys.ready.wait()
+        deadline = time.monotonic() + KEY_CATCH_UP_S
+        while key_id not in self.keys.records and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        record = self.keys.records.get(key_id)
+        if record is None or record.HasField("revoked_at"):
+            raise Rejected("authentication: unknown or revoked API key")
+        return record
+
+    async def _verify_signature(
+        self, header: str, record: ConsumerRecord[bytes, bytes], reply_to: str
+    ) -> Principal:
+        fields = dict(_FIELD.findall(header))
+        key_id, ts, sig = fields.get("key_id", ""), fields.get("ts", ""), fields.get("sig", "")
+        if not key_id or not ts.isdigit() or not sig:
+            raise Rejected(f"{SIGNATURE}: expected key_id=<id>,ts=<unix seconds>,sig=<hex>")
+        if abs(time.time() - int(ts)) > self.settings.ingress_signature_max_age_s:
+            raise Rejected(f"{SIGNATURE}: timestamp is outside the allowed window")
+        key = await self._record(key_id)
+        request_id = bytes(record.key or b"").decode(errors="replace")
+        text = signed_text(int(ts), request_id, reply_to, record.value or b"")
+        expected = hmac.new(signing_secret(key), text, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, sig.lower()):
+            raise Rejected(f"{SIGNATURE}: signature does not match")
+        return _principal(key)
+
+    async def _verify_key_ref(self, header: str) -> Principal:
+        key_id, _, hex_digest = header.partition(":")
+        try:
+            inner = bytes.fromhex(hex_digest)
+        except ValueError:
+            inner = b""
+        if len(inner) != hashlib.sha256().digest_size:
+            raise Rejected(f"{KEY_REF}: expected <key_id>:<hex SHA-256 of the key>")
+        key = await self._record(key_id)
+        if not hmac.compare_digest(hashlib.sha256(bytes(key.salt) + inner).digest(), bytes(key.key_hash)):
+            raise Rejected("authentication: unknown or revoked API key")
+        return _principal(key)
+
+    def _check_request(self, event: events_pb2.GenerationRequested, caller: Principal) -> None:
+        """The gateway's own checks, so a Kafka request is held to exactly the gRPC rules."""
+        request = gateway_pb2.GenerateRequest(
+            model=event.model,
+            messages=event.messages,
+            user=event.user,
+            stop=event.params.stop,
+            template=event.template if event.HasField("template") else None,
+            variables=event.variables,
+            context=event.context,
+        )
+        request.temperature = event.params.temperature  # proto3: unset is 0, which is greedy
+        if event.params.max_tokens:
+            request.max_tokens = event.params.max_tokens
+        if event.params.top_p:
+            request.top_p = event.params.top_p
+        try:
+            valid = validate(request, self.settings.catalog)
+        except Invalid as exc:
+            raise Rejected(_kafka_field_names(exc.message)) from None
+        if not caller.may_use(valid.model):
+            raise Rejected(f"model: this API key may not use model {valid.model!r}")
+        event.model = valid.model
+        if not event.params.max_tokens:
+            event.params.max_tokens = valid.max_tokens
+            event.max_tokens_defaulted = True
+        if not event.params.top_p:
+            event.params.top_p = valid.top_p
+        event.key_id = caller.key_id
+
+    async def _route_replies(
+        self, event: events_pb2.GenerationRequested, caller: Principal, headers: dict[str, str]
+    ) -> None:
+        topic = headers.get(REPLY_TO, "").strip()
+        if not topic:
+            if event.reply_to.topic and event.reply_to.topic not in INTERNAL_REPLY_TOPICS:
+                event.ClearField("reply_to")
+                raise Rejected(f"reply_to.topic: name a reply topic in the {REPLY_TO} header instead")
+        else:
+            event.ClearField("reply_to")  # never answer a refused record's topic
+            if not _TOPIC_NAME.match(topic):
+                raise Rejected(f"{REPLY_TO}: not a valid topic name")
+            patterns = [p.format(tenant=caller.tenant) for p in self.settings.ingress_reply_topics]
+            if topic.startswith("sluice.") or not any(fnmatch.fnmatchcase(topic, p) for p in patterns):
+                raise Rejected(f"{REPLY_TO}: topic {topic!r} is not allowed for tenant {caller.tenant!r}")
+            if not await self.topics.exists(topic):
+                raise Rejected(f"{REPLY_TO}: unknown topic {topic!r}")
+            event.reply_to.topic = topic
+        mode = headers.get(REPLY_MODE, "").strip().lower()
+        if mode not in ("", "stream", "completion"):
+            raise Rejected(f"{REPLY_MODE}: must be 'stream' or 'completion'")
+        if event.reply_to.topic and (mode == "completion" or (event.batch and topic)):
+            event.reply_to.completion_only = True
+
+
+def _kafka_field_names(message: str) -> str:
+    """The gRPC checks name GenerateRequest fields; on Kafka the sampling ones live under `params`."""
+    field_name = message.split(":", 1)[0]
+    return f"params.{message}" if field_name in _PARAMS else message
+
+
+_PARAMS = ("max_tokens", "temperature", "top_p", "stop")
