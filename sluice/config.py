@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     audit_completeness_grace_s: float = Field(default=300.0, ge=0)
     # Refuse Audit calls without an API key (otherwise such a call is an operator's: every tenant).
     audit_require_auth: bool = False
+    # Content data keys are per subject and per period of this many seconds; a tenant's
+    # content_retention shreds a period's keys once the whole period is older than it.
+    audit_key_period_s: int = Field(default=86400, ge=1)
+    # How often expired content keys are looked for.
+    audit_retention_interval_s: float = Field(default=600.0, gt=0)
+    # How far back the output collector starts reading sluice.tokens.v1 when the service starts.
+    audit_output_lookback_s: float = Field(default=900.0, gt=0)
+    # PostgreSQL index instead of SQLite, e.g. postgresql://user@host/db; unset: SQLite.
+    audit_index_dsn: str | None = None
 
     # Prompts area: what to do when a prompt does not fit the model's context
     # (reject, or drop oldest history turns then cut context documents), the

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from pydantic import BaseModel, Field
 
 # Importing registers every message type in the default descriptor pool.
-from sluice.v1 import attempts_pb2, compliance_pb2, events_pb2, keys_pb2  # noqa: F401
+from sluice.v1 import attempts_pb2, audit_pb2, compliance_pb2, events_pb2, keys_pb2  # noqa: F401
 
 REQUESTS = "sluice.requests.v1"
 REDACTED = "sluice.redacted.v1"
@@ -31,6 +31,7 @@ DLQ = "sluice.dlq.v1"
 AUDIT = "sluice.audit.v1"
 COMPLIANCE = "sluice.compliance.v1"
 AUDIT_KEYS = "sluice.audit-keys.v1"
+AUDIT_ALERTS = "sluice.audit-alerts.v1"
 KEYS = "sluice.keys.v1"
 
 JSON_CONTENT_TYPE = b"application/json"

@@ -1,10 +1,11 @@
-"""Per-subject data keys for crypto-shredding stored content.
+"""Per-subject, per-period data keys for crypto-shredding stored content.
 
-Content tied to an end-user is encrypted under that subject's data key. The
-keys live wrapped under the master key on a compacted topic (the source of
-truth) and in this in-memory ring. Destroying a key makes every copy of the
-content unreadable, in old offsets and exports too, while the ciphertext and
-the hash chain over it stay intact.
+Content tied to an end-user is encrypted under that subject's data key for the
+current period. The keys live wrapped under the master key on a compacted topic
+(the source of truth) and in this in-memory ring. Destroying a key makes every
+copy of the content unreadable, in old offsets and exports too, while the
+ciphertext and the hash chain over it stay intact. Erasure destroys all of a
+subject's keys; a tenant's retention destroys whole periods.
 """
 
 from __future__ import annotations
@@ -57,45 +58,150 @@ def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True)
+class DataKey:
+    subject: str
+    key_id: str
+    period: int
+    period_s: int
+    key: bytes
+
+    @property
+    def topic_key(self) -> str:
+        return key_topic_key(self.subject, self.period)
+
+    def expires_at(self, retention_s: int) -> int:
+        """When the newest content this key can seal is `retention_s` old (seconds since the epoch)."""
+        return (self.period + 1) * self.period_s + retention_s
+
+    def destroyed(self) -> compliance_pb2.SubjectKey:
+        return compliance_pb2.SubjectKey(
+            subject=self.subject,
+            key_id=self.key_id,
+            period=self.period,
+            period_s=self.period_s,
+            destroyed=True,
+        )
+
+
+def key_topic_key(subject: str, period: int) -> str:
+    """One compacted entry per subject and period: a destroyed key replaces its wrapped copy."""
+    return f"{subject}@{period}"
+
+
 @dataclass
 class KeyRing:
-    """The current data key of each subject, folded from sluice.audit-keys.v1."""
+    """Every live data key, folded from sluice.audit-keys.v1.
+
+    A subject has one key per period (`period_s` seconds of the writer's clock),
+    so content can be shredded by age (drop old periods' keys) as well as by
+    person (drop all of a subject's keys).
+    """
 
     master_key: bytes
-    _current: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    period_s: int = 86400
+    _keys: dict[str, DataKey] = field(default_factory=dict)  # by key id
+    _current: dict[tuple[str, int], str] = field(default_factory=dict)  # (subject, period) -> key id
+    # Keys an Erase call hid at once, until the writer destroys them for good.
+    _forgotten: dict[str, list[DataKey]] = field(default_factory=dict)
 
     def apply(self, entry: compliance_pb2.SubjectKey) -> None:
         """Fold one entry of the key topic (newest wins, like compaction)."""
         if entry.destroyed:
-            self._current.pop(entry.subject, None)
+            if entry.key_id:
+                self._drop(self._keys.get(entry.key_id))
+            else:  # a whole subject (entries written before keys had periods)
+                for key in self.keys_of(entry.subject):
+                    self._drop(key)
             return
-        key = _open(self.master_key, entry.wrapped_key, _aad(entry.subject, entry.key_id))
-        if key is not None:
-            self._current[entry.subject] = (entry.key_id, key)
+        secret = _open(self.master_key, entry.wrapped_key, _aad(entry.subject, entry.key_id))
+        if secret is not None:
+            data = DataKey(entry.subject, entry.key_id, entry.period, entry.period_s or self.period_s, secret)
+            self._keys[entry.key_id] = data
+            self._current[(entry.subject, entry.period)] = entry.key_id
+
+    def apply_tombstone(self, topic_key: str) -> None:
+        subject, _, period = topic_key.rpartition("@")
+        if period.lstrip("-").isdigit():
+            key_id = self._current.get((subject, int(period)))
+            self._drop(self._keys.get(key_id or ""))
+        else:
+            for key in self.keys_of(topic_key):
+                self._drop(key)
+
+    def _drop(self, key: DataKey | None) -> None:
+        if key is None:
+            return
+        self._keys.pop(key.key_id, None)
+        if self._current.get((key.subject, key.period)) == key.key_id:
+            del self._current[(key.subject, key.period)]
 
     def has_key(self, subject: str) -> bool:
-        return subject in self._current
+        return any(key.subject == subject for key in self._keys.values())
 
-    def new_key(self, subject: str) -> compliance_pb2.SubjectKey:
-        """A fresh data key for `subject`, wrapped for the key topic (and applied here)."""
+    def keys_of(self, subject: str) -> list[DataKey]:
+        return [key for key in self._keys.values() if key.subject == subject]
+
+    def key_for(self, subject: str, now_s: float) -> tuple[DataKey, compliance_pb2.SubjectKey | None]:
+        """The subject's key for the period of `now_s`, and its wrapped entry if it is new."""
+        period = int(now_s // self.period_s)
+        key_id = self._current.get((subject, period))
+        if key_id is not None:
+            return self._keys[key_id], None
         key_id, key = uuid.uuid4().hex, AESGCM.generate_key(bit_length=256)
         entry = compliance_pb2.SubjectKey(
-            subject=subject, key_id=key_id, wrapped_key=_seal(self.master_key, key, _aad(subject, key_id))
+            subject=subject,
+            key_id=key_id,
+            wrapped_key=_seal(self.master_key, key, _aad(subject, key_id)),
+            period=period,
+            period_s=self.period_s,
         )
-        self._current[subject] = (key_id, key)
-        return entry
+        self.apply(entry)
+        return self._keys[key_id], entry
 
-    def encrypt(self, subject: str, plain: str) -> tuple[str, bytes]:
-        key_id, key = self._current[subject]
-        return key_id, _seal(key, plain.encode(), _aad(subject, key_id))
+    def encrypt(self, key: DataKey, plain: str) -> bytes:
+        return _seal(key.key, plain.encode(), _aad(key.subject, key.key_id))
 
     def decrypt(self, subject: str, key_id: str, sealed: bytes) -> str | None:
-        """The plain text, or None once the subject's key (this key id) is destroyed."""
-        current = self._current.get(subject)
-        if current is None or current[0] != key_id:
+        """The plain text, or None once that key is destroyed (erasure or retention)."""
+        key = self._keys.get(key_id)
+        if key is None or key.subject != subject:
             return None
-        plain = _open(current[1], sealed, _aad(subject, key_id))
+        plain = _open(key.key, sealed, _aad(subject, key_id))
         return None if plain is None else plain.decode()
+
+    def forget(self, subject: str) -> bool:
+        """Hide a subject's keys at once (Erase); the writer then destroys them. True if it had any."""
+        keys = self.keys_of(subject)
+        for key in keys:
+            self._drop(key)
+        self._forgotten.setdefault(subject, []).extend(keys)
+        return bool(keys)
+
+    def destroy(self, subject: str) -> list[compliance_pb2.SubjectKey]:
+        """Destroy every key of `subject`, hidden or not: the entries for the key topic."""
+        keys = self._forgotten.pop(subject, []) + self.keys_of(subject)
+        for key in keys:
+            self._drop(key)
+        return [key.destroyed() for key in keys]
+
+    def expired(self, tenant: str, retention_s: int, now_s: float) -> list[DataKey]:
+        """The tenant's keys whose whole period is older than its retention."""
+        prefix = subject_of(tenant, "")
+        return [
+            key
+            for key in self._keys.values()
+            if key.subject.startswith(prefix) and key.expires_at(retention_s) <= now_s
+        ]
+
+    def destroy_expired(
+        self, tenant: str, retention_s: int, as_of_s: float
+    ) -> list[compliance_pb2.SubjectKey]:
+        """Destroy the tenant's expired keys: the entries for the key topic."""
+        keys = self.expired(tenant, retention_s, as_of_s)
+        for key in keys:
+            self._drop(key)
+        return [key.destroyed() for key in keys]
 
 
 def _aad(subject: str, key_id: str) -> bytes:

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.audit.chain import CHECKPOINT
 from sluice import topics
 from sluice.identity import pseudonymous_user
-from sluice.v1 import compliance_pb2, events_pb2, templates_pb2
+from sluice.v1 import billing_pb2, compliance_pb2, events_pb2, keys_pb2, templates_pb2
 
 
 def _received(e: events_pb2.GenerationRequested) -> dict[str, str]:
@@ -50,6 +50,8 @@ def _completed(e: events_pb2.CompletionFinished) -> dict[str, str]:
         "completion_tokens": str(e.usage.completion_tokens),
         "duration_ms": str(e.duration_ms),
         "worker": e.worker,
+        "engine": e.engine,
+        "model_version": e.model_version,
         **({"error": e.error[:200]} if e.error else {}),
     }
 
@@ -76,8 +78,16 @@ def _feedback(e: events_pb2.FeedbackSubmitted) -> dict[str, str]:
     return {"score": str(e.score)}  # the free-text label may hold personal data
 
 
+def _control(e: events_pb2.ControlEvent) -> dict[str, str]:
+    if e.WhichOneof("action") == "cancel":
+        return {"action": "cancel", "reason": e.cancel.reason[:200]}
+    return {"action": "unknown"}
+
+
 # The prompts area's template registry (services/prompts/registry_log.py).
 TEMPLATES = "sluice.templates.v1"
+# The metering area's budgets as set by SetBudget (streams/metering_budgets.py).
+BUDGET_POLICIES = "sluice.budget-policies.v1"
 
 
 def _template_changed(e: templates_pb2.TemplateEvent) -> dict[str, str]:
@@ -105,24 +115,80 @@ def _compliance(e: compliance_pb2.ComplianceEvent) -> dict[str, str]:
         return {"action": "erased", "had_key": str(e.erased.had_key).lower()}
     if action == "denied":
         return {"action": "access_denied", "rpc": e.denied.rpc, "requested_tenant": e.denied.requested_tenant}
+    if action == "expired":
+        return {
+            "action": "content_expired",
+            "retention_s": str(e.expired.retention_s),
+            "as_of": e.expired.as_of.ToJsonString(),
+        }
     return {"action": "unknown"}
+
+
+def _budget_changed(e: billing_pb2.BudgetPolicy) -> dict[str, str]:
+    b = e.budget
+    return {
+        "key_id": b.key_id,
+        "period": billing_pb2.BudgetPeriod.Name(b.period),
+        "mode": billing_pb2.BudgetMode.Name(b.mode),
+        "limit_nanos": str(b.limit_nanos),
+        "limit_tokens": str(b.limit_tokens),
+        "limit_requests": str(b.limit_requests),
+        "currency": b.currency,
+    }
+
+
+def _key_changed(e: keys_pb2.ApiKey) -> dict[str, str]:
+    """Role, models and limits of an API key: never its salt, hash or free-text description."""
+    return {
+        "key_id": e.key_id,
+        "role": keys_pb2.KeyRole.Name(e.role),
+        "revoked": str(e.HasField("revoked_at")).lower(),
+        "allowed_models": ",".join(e.allowed_models),
+        "requests_per_minute": str(e.rate_limit.requests_per_minute),
+        "tokens_per_minute": str(e.rate_limit.tokens_per_minute),
+    }
 
 
 STAGES: dict[str, tuple[str, Callable[..., dict[str, str]]]] = {
     topics.REQUESTS: ("received", _received),
     topics.REDACTED: ("redacted", _redacted),
     topics.PROMPTS: ("assembled", _assembled),
+    topics.PROMPTS_BATCH: ("assembled", _assembled),
     topics.COMPLETIONS: ("completed", _completed),
     topics.USAGE: ("charged", _charged),
     topics.DLQ: ("dead_lettered", _dead_lettered),
     topics.FEEDBACK: ("feedback", _feedback),
     topics.COMPLIANCE: ("compliance", _compliance),
+    topics.CONTROL: ("control", _control),
     TEMPLATES: ("template_changed", _template_changed),
+    BUDGET_POLICIES: ("budget_changed", _budget_changed),
+    topics.KEYS: ("key_changed", _key_changed),
 }
+# Stages that are not steps of one request (the index keeps no request row for them).
+NOT_REQUESTS = frozenset({CHECKPOINT, "compliance", "template_changed", "budget_changed", "key_changed"})
+
+
+def _origin(event: Message) -> tuple[str, int, str, str]:
+    """request_id, attempt, tenant and event time; events without an envelope get a stable id."""
+    if isinstance(event, billing_pb2.BudgetPolicy):
+        b = event.budget
+        period = billing_pb2.BudgetPeriod.Name(b.period)
+        return f"budget/{b.tenant}/{b.key_id}/{period}", 1, b.tenant, _time(event.updated_at)
+    if isinstance(event, keys_pb2.ApiKey):
+        changed = event.revoked_at if event.HasField("revoked_at") else event.created_at
+        return f"key/{event.key_id}", 1, event.tenant, _time(changed)
+    env = event.envelope  # type: ignore[attr-defined]
+    return env.request_id, env.attempt, env.tenant, env.event_time.ToJsonString()
+
+
+def _time(stamp: Timestamp) -> str:
+    return stamp.ToJsonString() if stamp.seconds or stamp.nanos else now_json()
 
 
 def _user(event: Message) -> str:
-    tenant = event.envelope.tenant  # type: ignore[attr-defined]
+    if not hasattr(event, "envelope"):
+        return ""
+    tenant = event.envelope.tenant
     if isinstance(event, events_pb2.GenerationRequested | events_pb2.RequestRedacted):
         return pseudonymous_user(tenant, event.user)
     if isinstance(event, compliance_pb2.ComplianceEvent) and event.WhichOneof("action") == "erased":
@@ -133,19 +199,20 @@ def _user(event: Message) -> str:
 def audit_record(event: Message, record: ConsumerRecord[bytes, bytes]) -> events_pb2.AuditRecord:
     """An unsealed record for `event`; the writer adds seq and hashes."""
     stage, details = STAGES[record.topic]
-    env = event.envelope  # type: ignore[attr-defined]
+    request_id, attempt, tenant, event_time = _origin(event)
     return events_pb2.AuditRecord(
-        request_id=env.request_id,
-        attempt=env.attempt,
-        tenant=env.tenant,
+        request_id=request_id,
+        attempt=attempt,
+        tenant=tenant,
         stage=stage,
-        event_time=env.event_time.ToJsonString(),
+        event_time=event_time,
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
         details=details(event),
         user=_user(event),
         api_key_id=getattr(event, "key_id", ""),
+        caller_address=getattr(event, "caller_address", ""),
         model=getattr(event, "model", ""),
         ingest_time=now_json(),
     )

@@ -14,7 +14,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -33,7 +34,8 @@ from services.audit.filters import (
     time_range,
     user_filter,
 )
-from services.audit.keys import KeyRing, load_master_key, subject_of
+from services.audit.keys import KeyRing, key_topic_key, load_master_key, subject_of
+from services.audit.outputs import OutputCollector
 from services.audit.policy import Policies
 from services.audit.records import STAGES, audit_record, checkpoint_record
 from services.audit.store import AuditStore, Incomplete, Row
@@ -44,7 +46,7 @@ from sluice.identity import pseudonymous_user
 from sluice.kafka import EventConsumer, Output, send, start_partition_reader, start_producer
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import AUDIT, AUDIT_KEYS, COMPLIANCE
+from sluice.topics import AUDIT, AUDIT_ALERTS, AUDIT_KEYS, COMPLIANCE, TOKENS, load_plan
 from sluice.v1 import audit_pb2, audit_pb2_grpc, compliance_pb2, events_pb2
 
 log = get_logger()
@@ -53,6 +55,8 @@ INCOMPLETE = Gauge(
     "sluice_audit_incomplete_requests",
     "Requests in the last completeness window whose trail misses a stage",
 )
+# Requests whose user the writer remembers, to seal a completion's output under the user's key.
+USERS_CACHE = 100_000
 
 
 def entry(
@@ -83,7 +87,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         caller = await identify(
-            context, self.audit.settings.state_dir, self.audit.settings.audit_require_auth
+            context, self.audit.settings, self.audit.settings.audit_require_auth
         )
         rows = [
             (offset, r) for offset, r in self.store.trail(request.request_id) if caller.may_read(r.tenant)
@@ -104,7 +108,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     async def _scope(self, context: Context, requested: str, rpc: str) -> str:
         """The tenant this call may see; another tenant's is refused, and the attempt audited."""
         caller = await identify(
-            context, self.audit.settings.state_dir, self.audit.settings.audit_require_auth
+            context, self.audit.settings, self.audit.settings.audit_require_auth
         )
         try:
             return scoped_tenant(caller, requested)
@@ -332,9 +336,8 @@ class KeyReader:
             while True:
                 batches = await consumer.getmany(KEYS_PARTITION, timeout_ms=200, max_records=1000)
                 for record in batches.get(KEYS_PARTITION, []):
-                    if record.value is None:  # a tombstone: the subject's key is gone
-                        subject = (record.key or b"").decode()
-                        self.ring.apply(compliance_pb2.SubjectKey(subject=subject, destroyed=True))
+                    if record.value is None:  # a tombstone: the key is gone
+                        self.ring.apply_tombstone((record.key or b"").decode())
                     else:
                         self.ring.apply(compliance_pb2.SubjectKey.FromString(record.value))
                 if await consumer.position(KEYS_PARTITION) >= end:
@@ -344,25 +347,88 @@ class KeyReader:
 
 
 class CompletenessWatch:
-    """Every interval, counts requests from the window before the grace period with a missing stage."""
+    """Every interval, finds requests from the window before the grace period with a missing stage.
+
+    Sets the gauge to how many there are, and sends one CompletenessAlert per
+    request the first time it is found (this process remembers which it sent).
+    """
 
     def __init__(self, store: AuditStore, interval_s: float, window_s: float, grace_s: float) -> None:
         self.store, self.interval_s, self.window_s, self.grace_s = store, interval_s, window_s, grace_s
+        self._alerted: OrderedDict[str, None] = OrderedDict()
+
+    def check(self, now_ms: int) -> list[audit_pb2.CompletenessAlert]:
+        """The alerts not sent before, for the window ending `grace` before `now_ms`."""
+        end = now_ms - int(self.grace_s * 1000)
+        _, missing = _completeness(self.store.path, "", end - int(self.window_s * 1000), end)
+        INCOMPLETE.set(len(missing))
+        alerts = []
+        for gap in missing:
+            if gap.request_id in self._alerted:
+                continue
+            self._alerted[gap.request_id] = None
+            if len(self._alerted) > USERS_CACHE:
+                self._alerted.popitem(last=False)
+            first = Timestamp()
+            first.FromMilliseconds(gap.first_ms)
+            alerts.append(
+                audit_pb2.CompletenessAlert(
+                    envelope=envelopes.new_envelope(
+                        request_id=gap.request_id, tenant=gap.tenant, producer="audit"
+                    ),
+                    stages=gap.stages,
+                    missing=gap.missing,
+                    first_event_time=first,
+                    grace_s=int(self.grace_s),
+                )
+            )
+        return alerts
+
+    async def run(self, producer: Callable[[], AIOKafkaProducer | None]) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            alerts = await asyncio.to_thread(self.check, int(time.time() * 1000))
+            sender = producer()
+            for alert in alerts:
+                log.warning(
+                    "audit completeness alert",
+                    request_id=alert.envelope.request_id,
+                    missing=list(alert.missing),
+                )
+                if sender is not None:
+                    await send(sender, "audit", Output(AUDIT_ALERTS, alert, alert.envelope.request_id))
+
+
+class RetentionSweep:
+    """Every interval, asks the writer to shred the content keys past each tenant's retention."""
+
+    def __init__(self, audit: AuditService, interval_s: float) -> None:
+        self.audit, self.interval_s = audit, interval_s
+
+    def due(self, now_s: float) -> list[compliance_pb2.ComplianceEvent]:
+        """One expiry request per tenant that has expired keys at `now_s`."""
+        as_of = Timestamp()
+        as_of.FromMilliseconds(int(now_s * 1000))
+        return [
+            compliance_pb2.ComplianceEvent(
+                envelope=envelopes.new_envelope(
+                    request_id=f"expiry-{uuid.uuid4().hex}", tenant=tenant, producer="audit"
+                ),
+                expired=compliance_pb2.ContentExpired(retention_s=retention_s, as_of=as_of),
+            )
+            for tenant, retention_s in self.audit.policies.with_retention().items()
+            if self.audit.ring.expired(tenant, retention_s, now_s)
+        ]
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            end = int(time.time() * 1000) - int(self.grace_s * 1000)
-            start = end - int(self.window_s * 1000)
-            _, missing = await asyncio.to_thread(_completeness, self.store.path, "", start, end)
-            INCOMPLETE.set(len(missing))
-            if missing:
-                log.warning(
-                    "audit completeness alert",
-                    incomplete=len(missing),
-                    example_request_id=missing[0].request_id,
-                    missing=missing[0].missing,
-                )
+            producer = self.audit._producer
+            if producer is None:
+                continue
+            for event in self.due(self.audit.clock()):
+                await send(producer, "audit", Output(COMPLIANCE, event, event.envelope.tenant))
+                log.info("content retention passed; keys to shred", tenant=event.envelope.tenant)
 
 
 class AuditService(Service):
@@ -372,14 +438,28 @@ class AuditService(Service):
         self.transactional_id = "sluice-audit-writer"
         self.store = AuditStore(settings.state_dir / "audit" / "index.sqlite")
         self.indexer = Indexer(settings.bootstrap, self.store)
-        self.ring = KeyRing(load_master_key(settings.audit_master_key, settings.state_dir))
+        self.ring = KeyRing(
+            load_master_key(settings.audit_master_key, settings.state_dir), settings.audit_key_period_s
+        )
         self.keys = KeyReader(settings.bootstrap, self.ring)
         self.policies = Policies(
             settings.audit_policies_file or settings.state_dir / "audit" / "policies.yaml"
         )
+        self.outputs = OutputCollector(
+            settings.bootstrap,
+            load_plan(settings.topics_file).topics[TOKENS].partitions,
+            lambda tenant: self.policies.for_tenant(tenant).store_content,
+            settings.audit_output_lookback_s,
+        )
+        # The writer's clock: it decides a content key's period (tests move it).
+        self.clock: Callable[[], float] = time.time
+        self._users: OrderedDict[str, str] = OrderedDict()
         self._head: tuple[int, str] = (0, chain.GENESIS)
         self._since_checkpoint = 0
         self._producer: AIOKafkaProducer | None = None
+
+    async def prepare(self) -> None:
+        self.policies.check()
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
@@ -397,10 +477,13 @@ class AuditService(Service):
             self.settings.audit_completeness_window_s,
             self.settings.audit_completeness_grace_s,
         )
+        sweep = RetentionSweep(self, self.settings.audit_retention_interval_s)
         return [
             self._indexer_task,
             self._keys_task,
-            asyncio.create_task(watch.run(), name="audit-completeness"),
+            self._outputs_task,
+            asyncio.create_task(watch.run(lambda: self._producer), name="audit-completeness"),
+            asyncio.create_task(sweep.run(), name="audit-retention"),
         ]
 
     async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
@@ -408,6 +491,7 @@ class AuditService(Service):
         # and the key ring from every key, so a subject never gets two live keys.
         self._indexer_task = asyncio.create_task(self.indexer.run(), name="audit-indexer")
         self._keys_task = asyncio.create_task(self.keys.run(), name="audit-keys")
+        self._outputs_task = asyncio.create_task(self.outputs.run(), name="audit-outputs")
         await self.indexer.caught_up.wait()
         await self.keys.caught_up.wait()
         head = self.store.head()
@@ -420,14 +504,20 @@ class AuditService(Service):
     async def append(self, event: Message, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
         outputs: list[Output] = []
         unsealed = audit_record(event, record)
+        if unsealed.user and unsealed.request_id:
+            self._remember_user(unsealed.request_id, unsealed.user)
         if isinstance(event, events_pb2.RequestRedacted):
-            outputs.extend(self._store_content(unsealed, event))
-        if isinstance(event, compliance_pb2.ComplianceEvent) and event.WhichOneof("action") == "erased":
-            subject = subject_of(event.envelope.tenant, event.erased.subject)
-            self.ring.apply(compliance_pb2.SubjectKey(subject=subject, destroyed=True))
-            outputs.append(
-                Output(AUDIT_KEYS, compliance_pb2.SubjectKey(subject=subject, destroyed=True), subject)
+            prompt = [{"role": m.role, "content": m.content} for m in event.messages]
+            outputs.extend(
+                self._store_content(unsealed, unsealed.user, json.dumps(prompt, ensure_ascii=False))
             )
+        elif isinstance(event, events_pb2.CompletionFinished):
+            outputs.extend(await self._store_output(unsealed, event))
+        elif isinstance(event, compliance_pb2.ComplianceEvent):
+            destroyed = self._shred(event)
+            if destroyed is not None:
+                unsealed.details["keys_destroyed"] = str(len(destroyed))
+                outputs.extend(Output(AUDIT_KEYS, k, key_topic_key(k.subject, k.period)) for k in destroyed)
         outputs.append(self._seal(unsealed))
         self._since_checkpoint += 1
         if self._since_checkpoint >= self.settings.audit_checkpoint_every:
@@ -437,28 +527,57 @@ class AuditService(Service):
             self._since_checkpoint = 0
         return outputs
 
+    def _shred(self, event: compliance_pb2.ComplianceEvent) -> list[compliance_pb2.SubjectKey] | None:
+        """Key-topic entries destroying what an erasure or an expiry names; None for other actions."""
+        action = event.WhichOneof("action")
+        if action == "erased":
+            return self.ring.destroy(subject_of(event.envelope.tenant, event.erased.subject))
+        if action == "expired":
+            as_of_s = event.expired.as_of.ToMilliseconds() / 1000
+            return self.ring.destroy_expired(event.envelope.tenant, event.expired.retention_s, as_of_s)
+        return None
+
     def _seal(self, unsealed: events_pb2.AuditRecord) -> Output:
         seq, prev_hash = self._head
         sealed = chain.seal(unsealed, seq + 1, prev_hash)
         self._head = (sealed.seq, sealed.hash)
         return Output(AUDIT, sealed, sealed.request_id, AUDIT_PARTITION.partition)
 
-    def _store_content(
-        self, record: events_pb2.AuditRecord, event: events_pb2.RequestRedacted
-    ) -> list[Output]:
-        """Encrypt the redacted prompt under the user's key, if the tenant's policy keeps content."""
+    def _remember_user(self, request_id: str, user: str) -> None:
+        self._users[request_id] = user
+        self._users.move_to_end(request_id)
+        if len(self._users) > USERS_CACHE:
+            self._users.popitem(last=False)
+
+    def _store_content(self, record: events_pb2.AuditRecord, user: str, plain: str) -> list[Output]:
+        """Encrypt content under the user's key for this period, if the tenant's policy keeps content."""
         if not self.policies.for_tenant(record.tenant).store_content:
             return []
-        subject = subject_of(record.tenant, record.user)
-        outputs = []
-        if not self.ring.has_key(subject):
-            outputs.append(Output(AUDIT_KEYS, self.ring.new_key(subject), subject))
-        plain = json.dumps(
-            [{"role": m.role, "content": m.content} for m in event.messages], ensure_ascii=False
-        )
+        subject = subject_of(record.tenant, user)
+        key, new_entry = self.ring.key_for(subject, self.clock())
         record.content_subject = subject
-        record.content_key_id, record.content = self.ring.encrypt(subject, plain)
-        return outputs
+        record.content_key_id, record.content = key.key_id, self.ring.encrypt(key, plain)
+        return [] if new_entry is None else [Output(AUDIT_KEYS, new_entry, key.topic_key)]
+
+    async def _store_output(
+        self, record: events_pb2.AuditRecord, event: events_pb2.CompletionFinished
+    ) -> list[Output]:
+        """Seal the attempt's output-redacted text (from the reply chunks) with its completion."""
+        if not self.policies.for_tenant(record.tenant).store_content:
+            return []
+        output = None
+        if event.reply_to.topic:
+            output = await self.outputs.take(
+                event.envelope.request_id, event.envelope.attempt, event.reply_to.partition
+            )
+        if output is None:
+            record.details["output"] = "unavailable"
+            return []
+        record.details["output"] = "stored"
+        user = self._users.get(record.request_id)
+        if user is None:
+            user = self.store.user_of(record.request_id)
+        return self._store_content(record, user, output)
 
     async def record_denied(self, caller: str, requested: str, rpc: str) -> None:
         """A refused cross-tenant read goes into the chain like any other event."""
@@ -477,8 +596,7 @@ class AuditService(Service):
         assert self._producer is not None, "erasure before the service connected"
         user = pseudonymous_user(tenant, user)
         subject = subject_of(tenant, user)
-        had_key = self.ring.has_key(subject)
-        self.ring.apply(compliance_pb2.SubjectKey(subject=subject, destroyed=True))
+        had_key = self.ring.forget(subject)
         erasure_id = f"erasure-{uuid.uuid4().hex}"
         event = compliance_pb2.ComplianceEvent(
             envelope=envelopes.new_envelope(

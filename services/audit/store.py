@@ -18,7 +18,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.audit.chain import CHECKPOINT
+from services.audit.records import NOT_REQUESTS
 from sluice.v1 import events_pb2
 
 SCHEMA = """
@@ -60,8 +60,6 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (first_ms);
 """
 
-# Stages that are not part of a request's lifecycle.
-NOT_REQUESTS = (CHECKPOINT, "compliance", "template_changed")
 FINISH_PREFIX = "FINISH_REASON_"
 # Requests whose who/what the indexer keeps in memory (the rest are read back from SQLite).
 WHO_CACHE = 100_000
@@ -225,6 +223,11 @@ class AuditStore:
             "SELECT topic_offset, body FROM records WHERE seq = ? ORDER BY topic_offset LIMIT 1", (seq,)
         ).fetchone()
         return None if row is None else (int(row[0]), events_pb2.AuditRecord.FromString(row[1]))
+
+    def user_of(self, request_id: str) -> str:
+        """The end-user id an earlier record of the request named ("" if none did)."""
+        row = self._db.execute("SELECT user FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        return "" if row is None else str(row[0])
 
     def trail(self, request_id: str) -> list[Row]:
         rows = self._db.execute(

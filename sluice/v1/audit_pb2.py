@@ -23,52 +23,55 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
 from sluice.v1 import events_pb2 as sluice_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/audit.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/events.proto\"\x9b\x01\n\nAuditEntry\x12&\n\x06record\x18\x01 \x01(\x0b\x32\x16.sluice.v1.AuditRecord\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12.\n\rcontent_state\x18\x04 \x01(\x0e\x32\x17.sluice.v1.ContentState\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\"%\n\x0fGetTrailRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x8d\x01\n\x10GetTrailResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.sluice.v1.AuditRecord\x12\x13\n\x0b\x63hain_valid\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_error\x18\x03 \x01(\t\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.sluice.v1.AuditEntry\"\x94\x03\n\x0cQueryRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\tfrom_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08template\x18\x06 \x01(\t\x12\x18\n\x10template_version\x18\x07 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x08 \x01(\t\x12\r\n\x05stage\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x1b\n\x0emin_cost_nanos\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emax_cost_nanos\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x11\n\tpage_size\x18\x0e \x01(\x05\x12\x12\n\npage_token\x18\x0f \x01(\tB\x11\n\x0f_min_cost_nanosB\x11\n\x0f_max_cost_nanos\"P\n\rQueryResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.sluice.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd6\x01\n\rReplayRequest\x12-\n\tfrom_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0b\x66rom_offset\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\tB\x0e\n\x0c_from_offset\"6\n\x0eReplayResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.sluice.v1.AuditEntry\"Z\n\rVerifyRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06to_seq\x18\x02 \x01(\x04\x12\'\n\x06source\x18\x03 \x01(\x0e\x32\x17.sluice.v1.VerifySource\"\xa2\x01\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1b\n\x13\x63heckpoints_checked\x18\x03 \x01(\x04\x12\x12\n\nbroken_seq\x18\x04 \x01(\x04\x12\x15\n\rbroken_offset\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\thead_hash\x18\x07 \x01(\t\"\x86\x01\n\x18\x43heckCompletenessRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\tfrom_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x11IncompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x18\n\x10\x66irst_event_time\x18\x05 \x01(\t\"g\n\x19\x43heckCompletenessResponse\x12\x18\n\x10requests_checked\x18\x01 \x01(\x04\x12\x30\n\nincomplete\x18\x02 \x03(\x0b\x32\x1c.sluice.v1.IncompleteRequest\"/\n\x0c\x45raseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"4\n\rEraseResponse\x12\x0f\n\x07had_key\x18\x01 \x01(\x08\x12\x12\n\nerasure_id\x18\x02 \x01(\t\"\x10\n\x0eReindexRequest\"\"\n\x0fReindexResponse\x12\x0f\n\x07records\x18\x01 \x01(\x04*{\n\x0c\x43ontentState\x12\x1d\n\x19\x43ONTENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTENT_STATE_NONE\x10\x01\x12\x1a\n\x16\x43ONTENT_STATE_READABLE\x10\x02\x12\x18\n\x14\x43ONTENT_STATE_ERASED\x10\x03*_\n\x0cVerifySource\x12\x1d\n\x19VERIFY_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERIFY_SOURCE_INDEX\x10\x01\x12\x17\n\x13VERIFY_SOURCE_TOPIC\x10\x02\x32\xe6\x03\n\x05\x41udit\x12\x43\n\x08GetTrail\x12\x1a.sluice.v1.GetTrailRequest\x1a\x1b.sluice.v1.GetTrailResponse\x12:\n\x05Query\x12\x17.sluice.v1.QueryRequest\x1a\x18.sluice.v1.QueryResponse\x12?\n\x06Replay\x12\x18.sluice.v1.ReplayRequest\x1a\x19.sluice.v1.ReplayResponse0\x01\x12=\n\x06Verify\x12\x18.sluice.v1.VerifyRequest\x1a\x19.sluice.v1.VerifyResponse\x12^\n\x11\x43heckCompleteness\x12#.sluice.v1.CheckCompletenessRequest\x1a$.sluice.v1.CheckCompletenessResponse\x12:\n\x05\x45rase\x12\x17.sluice.v1.EraseRequest\x1a\x18.sluice.v1.EraseResponse\x12@\n\x07Reindex\x12\x19.sluice.v1.ReindexRequest\x1a\x1a.sluice.v1.ReindexResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/audit.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/envelope.proto\x1a\x16sluice/v1/events.proto\"\x9b\x01\n\nAuditEntry\x12&\n\x06record\x18\x01 \x01(\x0b\x32\x16.sluice.v1.AuditRecord\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12.\n\rcontent_state\x18\x04 \x01(\x0e\x32\x17.sluice.v1.ContentState\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\"%\n\x0fGetTrailRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x8d\x01\n\x10GetTrailResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.sluice.v1.AuditRecord\x12\x13\n\x0b\x63hain_valid\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_error\x18\x03 \x01(\t\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.sluice.v1.AuditEntry\"\x94\x03\n\x0cQueryRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\tfrom_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08template\x18\x06 \x01(\t\x12\x18\n\x10template_version\x18\x07 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x08 \x01(\t\x12\r\n\x05stage\x18\t \x01(\t\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x1b\n\x0emin_cost_nanos\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emax_cost_nanos\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x11\n\tpage_size\x18\x0e \x01(\x05\x12\x12\n\npage_token\x18\x0f \x01(\tB\x11\n\x0f_min_cost_nanosB\x11\n\x0f_max_cost_nanos\"P\n\rQueryResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.sluice.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd6\x01\n\rReplayRequest\x12-\n\tfrom_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0b\x66rom_offset\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\tB\x0e\n\x0c_from_offset\"6\n\x0eReplayResponse\x12$\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x15.sluice.v1.AuditEntry\"Z\n\rVerifyRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06to_seq\x18\x02 \x01(\x04\x12\'\n\x06source\x18\x03 \x01(\x0e\x32\x17.sluice.v1.VerifySource\"\xa2\x01\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1b\n\x13\x63heckpoints_checked\x18\x03 \x01(\x04\x12\x12\n\nbroken_seq\x18\x04 \x01(\x04\x12\x15\n\rbroken_offset\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\thead_hash\x18\x07 \x01(\t\"\x86\x01\n\x18\x43heckCompletenessRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\tfrom_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07to_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x11IncompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x18\n\x10\x66irst_event_time\x18\x05 \x01(\t\"g\n\x19\x43heckCompletenessResponse\x12\x18\n\x10requests_checked\x18\x01 \x01(\x04\x12\x30\n\nincomplete\x18\x02 \x03(\x0b\x32\x1c.sluice.v1.IncompleteRequest\"/\n\x0c\x45raseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"4\n\rEraseResponse\x12\x0f\n\x07had_key\x18\x01 \x01(\x08\x12\x12\n\nerasure_id\x18\x02 \x01(\t\"\x10\n\x0eReindexRequest\"\"\n\x0fReindexResponse\x12\x0f\n\x07records\x18\x01 \x01(\x04\"\xa2\x01\n\x11\x43ompletenessAlert\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\x0e\n\x06stages\x18\x02 \x03(\t\x12\x0f\n\x07missing\x18\x03 \x03(\t\x12\x34\n\x10\x66irst_event_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07grace_s\x18\x05 \x01(\r*{\n\x0c\x43ontentState\x12\x1d\n\x19\x43ONTENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTENT_STATE_NONE\x10\x01\x12\x1a\n\x16\x43ONTENT_STATE_READABLE\x10\x02\x12\x18\n\x14\x43ONTENT_STATE_ERASED\x10\x03*_\n\x0cVerifySource\x12\x1d\n\x19VERIFY_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERIFY_SOURCE_INDEX\x10\x01\x12\x17\n\x13VERIFY_SOURCE_TOPIC\x10\x02\x32\xe6\x03\n\x05\x41udit\x12\x43\n\x08GetTrail\x12\x1a.sluice.v1.GetTrailRequest\x1a\x1b.sluice.v1.GetTrailResponse\x12:\n\x05Query\x12\x17.sluice.v1.QueryRequest\x1a\x18.sluice.v1.QueryResponse\x12?\n\x06Replay\x12\x18.sluice.v1.ReplayRequest\x1a\x19.sluice.v1.ReplayResponse0\x01\x12=\n\x06Verify\x12\x18.sluice.v1.VerifyRequest\x1a\x19.sluice.v1.VerifyResponse\x12^\n\x11\x43heckCompleteness\x12#.sluice.v1.CheckCompletenessRequest\x1a$.sluice.v1.CheckCompletenessResponse\x12:\n\x05\x45rase\x12\x17.sluice.v1.EraseRequest\x1a\x18.sluice.v1.EraseResponse\x12@\n\x07Reindex\x12\x19.sluice.v1.ReindexRequest\x1a\x1a.sluice.v1.ReindexResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTENTSTATE']._serialized_start=1968
-  _globals['_CONTENTSTATE']._serialized_end=2091
-  _globals['_VERIFYSOURCE']._serialized_start=2093
-  _globals['_VERIFYSOURCE']._serialized_end=2188
-  _globals['_AUDITENTRY']._serialized_start=94
-  _globals['_AUDITENTRY']._serialized_end=249
-  _globals['_GETTRAILREQUEST']._serialized_start=251
-  _globals['_GETTRAILREQUEST']._serialized_end=288
-  _globals['_GETTRAILRESPONSE']._serialized_start=291
-  _globals['_GETTRAILRESPONSE']._serialized_end=432
-  _globals['_QUERYREQUEST']._serialized_start=435
-  _globals['_QUERYREQUEST']._serialized_end=839
-  _globals['_QUERYRESPONSE']._serialized_start=841
-  _globals['_QUERYRESPONSE']._serialized_end=921
-  _globals['_REPLAYREQUEST']._serialized_start=924
-  _globals['_REPLAYREQUEST']._serialized_end=1138
-  _globals['_REPLAYRESPONSE']._serialized_start=1140
-  _globals['_REPLAYRESPONSE']._serialized_end=1194
-  _globals['_VERIFYREQUEST']._serialized_start=1196
-  _globals['_VERIFYREQUEST']._serialized_end=1286
-  _globals['_VERIFYRESPONSE']._serialized_start=1289
-  _globals['_VERIFYRESPONSE']._serialized_end=1451
-  _globals['_CHECKCOMPLETENESSREQUEST']._serialized_start=1454
-  _globals['_CHECKCOMPLETENESSREQUEST']._serialized_end=1588
-  _globals['_INCOMPLETEREQUEST']._serialized_start=1590
-  _globals['_INCOMPLETEREQUEST']._serialized_end=1704
-  _globals['_CHECKCOMPLETENESSRESPONSE']._serialized_start=1706
-  _globals['_CHECKCOMPLETENESSRESPONSE']._serialized_end=1809
-  _globals['_ERASEREQUEST']._serialized_start=1811
-  _globals['_ERASEREQUEST']._serialized_end=1858
-  _globals['_ERASERESPONSE']._serialized_start=1860
-  _globals['_ERASERESPONSE']._serialized_end=1912
-  _globals['_REINDEXREQUEST']._serialized_start=1914
-  _globals['_REINDEXREQUEST']._serialized_end=1930
-  _globals['_REINDEXRESPONSE']._serialized_start=1932
-  _globals['_REINDEXRESPONSE']._serialized_end=1966
-  _globals['_AUDIT']._serialized_start=2191
-  _globals['_AUDIT']._serialized_end=2677
+  _globals['_CONTENTSTATE']._serialized_start=2159
+  _globals['_CONTENTSTATE']._serialized_end=2282
+  _globals['_VERIFYSOURCE']._serialized_start=2284
+  _globals['_VERIFYSOURCE']._serialized_end=2379
+  _globals['_AUDITENTRY']._serialized_start=120
+  _globals['_AUDITENTRY']._serialized_end=275
+  _globals['_GETTRAILREQUEST']._serialized_start=277
+  _globals['_GETTRAILREQUEST']._serialized_end=314
+  _globals['_GETTRAILRESPONSE']._serialized_start=317
+  _globals['_GETTRAILRESPONSE']._serialized_end=458
+  _globals['_QUERYREQUEST']._serialized_start=461
+  _globals['_QUERYREQUEST']._serialized_end=865
+  _globals['_QUERYRESPONSE']._serialized_start=867
+  _globals['_QUERYRESPONSE']._serialized_end=947
+  _globals['_REPLAYREQUEST']._serialized_start=950
+  _globals['_REPLAYREQUEST']._serialized_end=1164
+  _globals['_REPLAYRESPONSE']._serialized_start=1166
+  _globals['_REPLAYRESPONSE']._serialized_end=1220
+  _globals['_VERIFYREQUEST']._serialized_start=1222
+  _globals['_VERIFYREQUEST']._serialized_end=1312
+  _globals['_VERIFYRESPONSE']._serialized_start=1315
+  _globals['_VERIFYRESPONSE']._serialized_end=1477
+  _globals['_CHECKCOMPLETENESSREQUEST']._serialized_start=1480
+  _globals['_CHECKCOMPLETENESSREQUEST']._serialized_end=1614
+  _globals['_INCOMPLETEREQUEST']._serialized_start=1616
+  _globals['_INCOMPLETEREQUEST']._serialized_end=1730
+  _globals['_CHECKCOMPLETENESSRESPONSE']._serialized_start=1732
+  _globals['_CHECKCOMPLETENESSRESPONSE']._serialized_end=1835
+  _globals['_ERASEREQUEST']._serialized_start=1837
+  _globals['_ERASEREQUEST']._serialized_end=1884
+  _globals['_ERASERESPONSE']._serialized_start=1886
+  _globals['_ERASERESPONSE']._serialized_end=1938
+  _globals['_REINDEXREQUEST']._serialized_start=1940
+  _globals['_REINDEXREQUEST']._serialized_end=1956
+  _globals['_REINDEXRESPONSE']._serialized_start=1958
+  _globals['_REINDEXRESPONSE']._serialized_end=1992
+  _globals['_COMPLETENESSALERT']._serialized_start=1995
+  _globals['_COMPLETENESSALERT']._serialized_end=2157
+  _globals['_AUDIT']._serialized_start=2382
+  _globals['_AUDIT']._serialized_end=2868
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from sluice.v1 import envelope_pb2 as _envelope_pb2
 from sluice.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
@@ -81,7 +82,10 @@ class AuditEntry(_message.Message):
     """Kafka timestamp of the record on sluice.audit.v1 (ms since the epoch); 0 from the index."""
     content_state: Global___ContentState.ValueType
     content: _builtins.str
-    """The redacted prompt, decrypted; empty unless content_state is READABLE."""
+    """Decrypted content, empty unless content_state is READABLE: the redacted
+    prompt (JSON messages) on `redacted` records, the output-redacted model
+    output on `completed` records.
+    """
     @_builtins.property
     def record(self) -> _events_pb2.AuditRecord: ...
     def __init__(
@@ -542,3 +546,50 @@ class ReindexResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReindexResponse: _TypeAlias = ReindexResponse  # noqa: Y015
+
+@_typing.final
+class CompletenessAlert(_message.Message):
+    """On sluice.audit-alerts.v1 (keyed by request_id): a request whose trail still
+    misses a stage after the grace period (received but never completed or
+    dead-lettered, or completed but never charged). Sent once per request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    GRACE_S_FIELD_NUMBER: _builtins.int
+    grace_s: _builtins.int
+    """Seconds the audit service waited after the request before alerting."""
+    @_builtins.property
+    def envelope(self) -> _envelope_pb2.Envelope:
+        """The request's id and tenant; producer "audit"."""
+
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stages the trail has, e.g. received, redacted."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stages it should have and lacks: completed, charged."""
+
+    @_builtins.property
+    def first_event_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        envelope: _envelope_pb2.Envelope | None = ...,
+        stages: _abc.Iterable[_builtins.str] | None = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+        first_event_time: _timestamp_pb2.Timestamp | None = ...,
+        grace_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "first_event_time", b"first_event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "first_event_time", b"first_event_time", "grace_s", b"grace_s", "missing", b"missing", "stages", b"stages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletenessAlert: _TypeAlias = CompletenessAlert  # noqa: Y015

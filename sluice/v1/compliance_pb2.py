@@ -22,22 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluice/v1/compliance.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\"\x99\x01\n\x0f\x43omplianceEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12*\n\x06\x65rased\x18\x02 \x01(\x0b\x32\x18.sluice.v1.SubjectErasedH\x00\x12)\n\x06\x64\x65nied\x18\x03 \x01(\x0b\x32\x17.sluice.v1.AccessDeniedH\x00\x42\x08\n\x06\x61\x63tion\"5\n\x0c\x41\x63\x63\x65ssDenied\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\x18\n\x10requested_tenant\x18\x02 \x01(\t\"1\n\rSubjectErased\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07had_key\x18\x02 \x01(\x08\"U\n\nSubjectKey\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x03 \x01(\x0c\x12\x11\n\tdestroyed\x18\x04 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluice/v1/compliance.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sluice/v1/envelope.proto\"\xc7\x01\n\x0f\x43omplianceEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12*\n\x06\x65rased\x18\x02 \x01(\x0b\x32\x18.sluice.v1.SubjectErasedH\x00\x12)\n\x06\x64\x65nied\x18\x03 \x01(\x0b\x32\x17.sluice.v1.AccessDeniedH\x00\x12,\n\x07\x65xpired\x18\x04 \x01(\x0b\x32\x19.sluice.v1.ContentExpiredH\x00\x42\x08\n\x06\x61\x63tion\"P\n\x0e\x43ontentExpired\x12\x13\n\x0bretention_s\x18\x01 \x01(\x03\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x0c\x41\x63\x63\x65ssDenied\x12\x0b\n\x03rpc\x18\x01 \x01(\t\x12\x18\n\x10requested_tenant\x18\x02 \x01(\t\"1\n\rSubjectErased\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07had_key\x18\x02 \x01(\x08\"w\n\nSubjectKey\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x03 \x01(\x0c\x12\x11\n\tdestroyed\x18\x04 \x01(\x08\x12\x0e\n\x06period\x18\x05 \x01(\x03\x12\x10\n\x08period_s\x18\x06 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.compliance_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPLIANCEEVENT']._serialized_start=68
-  _globals['_COMPLIANCEEVENT']._serialized_end=221
-  _globals['_ACCESSDENIED']._serialized_start=223
-  _globals['_ACCESSDENIED']._serialized_end=276
-  _globals['_SUBJECTERASED']._serialized_start=278
-  _globals['_SUBJECTERASED']._serialized_end=327
-  _globals['_SUBJECTKEY']._serialized_start=329
-  _globals['_SUBJECTKEY']._serialized_end=414
+  _globals['_COMPLIANCEEVENT']._serialized_start=101
+  _globals['_COMPLIANCEEVENT']._serialized_end=300
+  _globals['_CONTENTEXPIRED']._serialized_start=302
+  _globals['_CONTENTEXPIRED']._serialized_end=382
+  _globals['_ACCESSDENIED']._serialized_start=384
+  _globals['_ACCESSDENIED']._serialized_end=437
+  _globals['_SUBJECTERASED']._serialized_start=439
+  _globals['_SUBJECTERASED']._serialized_end=488
+  _globals['_SUBJECTKEY']._serialized_start=490
+  _globals['_SUBJECTKEY']._serialized_end=609
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from sluice.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
@@ -28,28 +29,60 @@ class ComplianceEvent(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     ERASED_FIELD_NUMBER: _builtins.int
     DENIED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
     def erased(self) -> Global___SubjectErased: ...
     @_builtins.property
     def denied(self) -> Global___AccessDenied: ...
+    @_builtins.property
+    def expired(self) -> Global___ContentExpired: ...
     def __init__(
         self,
         *,
         envelope: _envelope_pb2.Envelope | None = ...,
         erased: Global___SubjectErased | None = ...,
         denied: Global___AccessDenied | None = ...,
+        expired: Global___ContentExpired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "denied", b"denied", "envelope", b"envelope", "erased", b"erased"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "denied", b"denied", "envelope", b"envelope", "erased", b"erased", "expired", b"expired"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "denied", b"denied", "envelope", b"envelope", "erased", b"erased"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "denied", b"denied", "envelope", b"envelope", "erased", b"erased", "expired", b"expired"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["erased", "denied"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["erased", "denied", "expired"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___ComplianceEvent: _TypeAlias = ComplianceEvent  # noqa: Y015
+
+@_typing.final
+class ContentExpired(_message.Message):
+    """A tenant's content retention passed: every data key of the tenant whose
+    whole period is older than `retention_s` at `as_of` is destroyed (automatic
+    crypto-shredding). The envelope's tenant names the tenant.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_S_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    retention_s: _builtins.int
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        retention_s: _builtins.int = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "retention_s", b"retention_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentExpired: _TypeAlias = ContentExpired  # noqa: Y015
 
 @_typing.final
 class AccessDenied(_message.Message):
@@ -103,8 +136,9 @@ Global___SubjectErased: _TypeAlias = SubjectErased  # noqa: Y015
 
 @_typing.final
 class SubjectKey(_message.Message):
-    """On sluice.audit-keys.v1 (compacted, keyed by subject): a subject's current
-    data key wrapped under the master key, or `destroyed` after erasure.
+    """On sluice.audit-keys.v1 (compacted, keyed by `subject@period`): a subject's
+    data key for one key period, wrapped under the master key, or `destroyed`
+    after erasure or when the tenant's content retention passed.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -113,11 +147,17 @@ class SubjectKey(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     WRAPPED_KEY_FIELD_NUMBER: _builtins.int
     DESTROYED_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PERIOD_S_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     key_id: _builtins.str
     wrapped_key: _builtins.bytes
     """AES-GCM(master key, nonce || data key), with subject and key id as associated data."""
     destroyed: _builtins.bool
+    period: _builtins.int
+    """Key period (seconds since the epoch / SLUICE_AUDIT_KEY_PERIOD_S) whose content it seals."""
+    period_s: _builtins.int
+    """Key period length in seconds when the key was made, so expiry survives a config change."""
     def __init__(
         self,
         *,
@@ -125,10 +165,12 @@ class SubjectKey(_message.Message):
         key_id: _builtins.str = ...,
         wrapped_key: _builtins.bytes = ...,
         destroyed: _builtins.bool = ...,
+        period: _builtins.int = ...,
+        period_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroyed", b"destroyed", "key_id", b"key_id", "subject", b"subject", "wrapped_key", b"wrapped_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroyed", b"destroyed", "key_id", b"key_id", "period", b"period", "period_s", b"period_s", "subject", b"subject", "wrapped_key", b"wrapped_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

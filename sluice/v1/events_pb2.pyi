@@ -118,6 +118,7 @@ class GenerationRequested(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    CALLER_ADDRESS_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
@@ -129,6 +130,10 @@ class GenerationRequested(_message.Message):
     key_id: _builtins.str
     """Metering area (40-49): first 12 hex digits of the SHA-256 of the caller's
     API key, so usage can be grouped and limited per key without the key.
+    """
+    caller_address: _builtins.str
+    """Audit area (50-59): the network address the caller's connection came from
+    (gRPC peer, e.g. "ipv4:10.0.0.7:51234"), for the trail's "who".
     """
     batch: _builtins.bool
     """Fields 70-79: gateway area. Async batch work (SubmitBatch, or a Kafka
@@ -170,12 +175,13 @@ class GenerationRequested(_message.Message):
         context: _abc.Iterable[_builtins.str] | None = ...,
         max_tokens_defaulted: _builtins.bool = ...,
         key_id: _builtins.str = ...,
+        caller_address: _builtins.str = ...,
         batch: _builtins.bool = ...,
         batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "params", b"params", "reply_to", b"reply_to", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "batch_id", b"batch_id", "context", b"context", "envelope", b"envelope", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "batch_id", b"batch_id", "caller_address", b"caller_address", "context", b"context", "envelope", b"envelope", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "max_tokens_defaulted", b"max_tokens_defaulted", "messages", b"messages", "model", b"model", "params", b"params", "reply_to", b"reply_to", "template", b"template", "user", b"user", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -782,6 +788,7 @@ class AuditRecord(_message.Message):
     CONTENT_KEY_ID_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
+    CALLER_ADDRESS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     request_id: _builtins.str
     attempt: _builtins.int
@@ -809,6 +816,8 @@ class AuditRecord(_message.Message):
     content: _builtins.bytes
     api_key_id: _builtins.str
     """Id of the API key the request came with (never the key), when the event carries it."""
+    caller_address: _builtins.str
+    """Network address of the caller (GenerationRequested.caller_address), on `received` records."""
     @_builtins.property
     def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -833,10 +842,11 @@ class AuditRecord(_message.Message):
         content_key_id: _builtins.str = ...,
         content: _builtins.bytes = ...,
         api_key_id: _builtins.str = ...,
+        caller_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt", b"attempt", "content", b"content", "content_key_id", b"content_key_id", "content_subject", b"content_subject", "details", b"details", "event_time", b"event_time", "hash", b"hash", "ingest_time", b"ingest_time", "model", b"model", "prev_hash", b"prev_hash", "request_id", b"request_id", "seq", b"seq", "source_offset", b"source_offset", "source_partition", b"source_partition", "source_topic", b"source_topic", "stage", b"stage", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt", b"attempt", "caller_address", b"caller_address", "content", b"content", "content_key_id", b"content_key_id", "content_subject", b"content_subject", "details", b"details", "event_time", b"event_time", "hash", b"hash", "ingest_time", b"ingest_time", "model", b"model", "prev_hash", b"prev_hash", "request_id", b"request_id", "seq", b"seq", "source_offset", b"source_offset", "source_partition", b"source_partition", "source_topic", b"source_topic", "stage", b"stage", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
