@@ -37,6 +37,7 @@ kafka-jars: $(STAMP)
 
 protos: $(STAMP)
 	tools/gen_protos.sh
+	$(PY) tools/gen_json_schemas.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sluice services tests
@@ -44,6 +45,8 @@ lint: $(STAMP)
 	cd protos && ../$(VENV)/bin/buf lint
 	@tmp=$$(mktemp -d) && tools/gen_protos.sh $$tmp && \
 	  diff -r -q -x __pycache__ $$tmp/sluice/v1 sluice/v1 || { echo "generated stubs are stale: run 'make protos'"; exit 1; }
+	@tmp=$$(mktemp -d) && $(PY) tools/gen_json_schemas.py $$tmp && \
+	  diff -r -q $$tmp schemas/json || { echo "JSON Schemas are stale: run 'make protos'"; exit 1; }
 
 test: $(STAMP) kafka-jars
 	$(PY) -m pytest

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from pydantic import BaseModel, Field
 
 # Importing registers every message type in the default descriptor pool.
-from sluice.v1 import attempts_pb2, audit_pb2, compliance_pb2, events_pb2, keys_pb2  # noqa: F401
+from sluice.v1 import attempts_pb2, audit_pb2, batches_pb2, compliance_pb2, events_pb2, keys_pb2  # noqa: F401
 
 REQUESTS = "sluice.requests.v1"
 REDACTED = "sluice.redacted.v1"
@@ -26,6 +26,8 @@ USAGE = "sluice.usage.v1"
 BUDGETS = "sluice.budgets.v1"
 FEEDBACK = "sluice.feedback.v1"
 CONTROL = "sluice.control.v1"
+BATCH_REPLIES = "sluice.batch-replies.v1"
+BATCHES = "sluice.batches.v1"
 INFERENCE_ATTEMPTS = "sluice.inference-attempts.v1"
 DLQ = "sluice.dlq.v1"
 AUDIT = "sluice.audit.v1"

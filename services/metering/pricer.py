@@ -18,7 +18,7 @@ from services.metering.attribution import Attribution
 from services.metering.pricing import Catalog
 from services.metering.reader import read_committed
 from sluice import envelope as envelopes
-from sluice.kafka import Output, RecentKeys
+from sluice.kafka import Output, RecentKeys, reply_partition
 from sluice.logs import get_logger
 from sluice.topics import COMPLETIONS, USAGE, BadEvent
 from sluice.v1 import billing_pb2, events_pb2
@@ -87,7 +87,7 @@ class Pricer:
                 envelope=envelopes.follow(event.envelope, PRODUCER),
                 charged=events_pb2.StreamCharged(cost=charge.cost),
             )
-            outputs.append(Output(event.reply_to.topic, reply, request_id, event.reply_to.partition))
+            outputs.append(Output(event.reply_to.topic, reply, request_id, reply_partition(event.reply_to)))
         return outputs
 
 

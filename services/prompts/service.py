@@ -21,7 +21,7 @@ from sluice.config import Settings
 from sluice.kafka import EventConsumer, Output, RequestFailed, send
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import DLQ, PROMPTS, REDACTED
+from sluice.topics import DLQ, PROMPTS, PROMPTS_BATCH, REDACTED
 from sluice.v1 import envelope_pb2, events_pb2, prompts_pb2, prompts_pb2_grpc, templates_pb2
 
 log = get_logger()
@@ -299,9 +299,13 @@ class PromptsService(Service):
             reply_to=event.reply_to,
             template=done.chat_template,
             template_used=done.used,
+            batch=event.batch,
+            batch_id=event.batch_id,
         )
         _log_assembled(event.envelope.request_id, done)
-        return [Output(PROMPTS, assembled, event.envelope.request_id)]
+        # Async batch work has its own topic, which workers take only with spare capacity.
+        topic = PROMPTS_BATCH if event.batch else PROMPTS
+        return [Output(topic, assembled, event.envelope.request_id)]
 
 
 def _log_assembled(request_id: str, done: Assembled) -> None:

@@ -18,6 +18,7 @@ import grpc
 from aiokafka import ConsumerRecord
 
 from services.gateway.auth import KeyStore
+from services.gateway.ingress import Ingress
 from services.redaction.analyzer import DeadlineExceeded, RedactionError, Redactor
 from services.redaction.boundary import (
     Boundary,
@@ -33,7 +34,7 @@ from sluice.identity import pseudonymous_user
 from sluice.kafka import EventConsumer, Output, RequestFailed
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import REDACTED, REQUESTS, BadEvent
+from sluice.topics import REDACTED, REQUESTS, TOKENS, BadEvent
 from sluice.v1 import envelope_pb2, events_pb2, privacy_pb2, redaction_pb2, redaction_pb2_grpc
 
 log = get_logger()
@@ -130,7 +131,8 @@ class RedactionService(Service):
         # Every replica must see every policy update: one group per process, from the start.
         policy_group = f"sluice-redaction-policies-{socket.gethostname()}-{os.getpid()}"
         return [
-            runtime.consumer([REQUESTS], self.handle),
+            # Kafka ingress: only authenticated, checked requests reach `handle` (docs/ingress.md).
+            runtime.consumer([REQUESTS], Ingress.from_settings(self.settings).guard(self.handle)),
             runtime.consumer([POLICIES], self.handle_policy, group_id=policy_group),
         ]
 
@@ -172,7 +174,7 @@ class RedactionService(Service):
         except RedactionError as exc:
             raise RequestFailed("UNAVAILABLE", f"redaction: {exc}") from None
         outputs: list[Output] = []
-        if applied.originals and event.reply_to.topic:
+        if applied.originals and event.reply_to.topic == TOKENS:  # only a gateway can open the vault
             vault = self.boundary.keyring.seal(tenant, request_id, applied.originals, policy.pseudonym_ttl_s)
             sealed = events_pb2.ReplyEvent(
                 envelope=envelopes.follow(event.envelope, self.name), pseudonyms=vault
@@ -197,6 +199,8 @@ class RedactionService(Service):
                     variables=dict(zip(names, applied.texts[n : n + len(names)], strict=True)),
                     context=applied.texts[n + len(names) :],
                     max_tokens_defaulted=event.max_tokens_defaulted,
+                    batch=event.batch,
+                    batch_id=event.batch_id,
                 ),
                 request_id,
             )
