@@ -28,6 +28,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faust.tables.manager import TableManager
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 
 from sluice.config import Settings
 from sluice.kafka import with_backoff
@@ -53,6 +54,10 @@ POLICIES = "sluice.budget-policies.v1"
 ALERTS = "sluice.budget-alerts.v1"
 SCOPED = "sluice-metering-budgets-scoped"
 SCOPED_PARTITIONS = 3
+# Thresholds crossed, for the "hard budget reached" alert (threshold="100").
+BUDGET_ALERTS = Counter(
+    "sluice_budget_alerts_total", "Budget thresholds crossed (80 and 100 percent)", ["tenant", "threshold"]
+)
 USAGE_MARK = b"U"
 POLICY_MARK = b"P"
 
@@ -258,4 +263,5 @@ class BudgetStream:
             event_time=timestamp(now),
         )
         log.warning("budget alert", tenant=budget.tenant, key_id=budget.key_id, limit=limit, percent=percent)
+        BUDGET_ALERTS.labels(budget.tenant, str(percent)).inc()
         await self.alerts_out.send(key=budget_key(budget).encode(), value=alert.SerializeToString())
