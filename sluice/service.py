@@ -22,7 +22,9 @@ from prometheus_client import start_http_server
 
 from sluice import logs
 from sluice.config import ServiceName, Settings
+from sluice.grpc_metrics import MetricsInterceptor
 from sluice.kafka import EventConsumer, start_producer
+from sluice.lag import export_lag
 from sluice.topics import Codec, load_plan
 
 log = logs.get_logger()
@@ -103,7 +105,7 @@ async def serve(service: Service) -> None:
     name = service.name
     start_http_server(settings.metrics_port(name), addr=settings.host)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(name)])
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [api.name for api in service.apis()]
@@ -146,6 +148,8 @@ async def serve(service: Service) -> None:
         return
     producer, consumers, background = starting.result()
     consuming = [asyncio.create_task(c.run(), name=f"consumer:{c.group_id}") for c in consumers]
+    groups = {c.group_id: tuple(getattr(c, "topics", ())) for c in consumers}
+    background.append(asyncio.create_task(export_lag(settings.bootstrap, name, groups), name="lag"))
     await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", consumers=[c.group_id for c in consumers])
 
