@@ -26,7 +26,6 @@ from prometheus_client import Gauge
 
 from services.audit import chain
 from services.audit.access import Denied, identify, scoped_tenant
-from services.audit.chain_watch import ChainWatch
 from services.audit.filters import (
     InvalidArgument,
     check_stage,
@@ -39,7 +38,7 @@ from services.audit.keys import KeyRing, key_topic_key, load_master_key, subject
 from services.audit.outputs import OutputCollector
 from services.audit.policy import Policies
 from services.audit.records import STAGES, audit_record, checkpoint_record
-from services.audit.store import AuditStore, Incomplete, Row
+from services.audit.store import AuditStore, Incomplete, Row, is_dsn
 from services.audit.topic_reader import AUDIT_PARTITION, read_audit_topic
 from sluice import envelope as envelopes
 from sluice.config import Settings
@@ -87,9 +86,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.GetTrailResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        caller = await identify(
-            context, self.audit.settings, self.audit.settings.audit_require_auth
-        )
+        caller = await identify(context, self.audit.settings, self.audit.settings.audit_require_auth)
         rows = [
             (offset, r) for offset, r in self.store.trail(request.request_id) if caller.may_read(r.tenant)
         ]
@@ -108,9 +105,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
 
     async def _scope(self, context: Context, requested: str, rpc: str) -> str:
         """The tenant this call may see; another tenant's is refused, and the attempt audited."""
-        caller = await identify(
-            context, self.audit.settings, self.audit.settings.audit_require_auth
-        )
+        caller = await identify(context, self.audit.settings, self.audit.settings.audit_require_auth)
         try:
             return scoped_tenant(caller, requested)
         except Denied as exc:
@@ -234,7 +229,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         return audit_pb2.ReindexResponse(records=await self.audit.indexer.rebuild())
 
 
-def walk_index(path: Path, from_seq: int, to_seq: int) -> chain.ChainWalk:
+def walk_index(path: Path | str, from_seq: int, to_seq: int) -> chain.ChainWalk:
     """Verify the indexed chain from `from_seq` (after its predecessor) to `to_seq` (0: the end)."""
     store = AuditStore(path)
     try:
@@ -265,7 +260,7 @@ def _rfc3339(ms: int) -> str:
 
 
 def _completeness(
-    path: Path, tenant: str, start: int | None, end: int | None
+    path: Path | str, tenant: str, start: int | None, end: int | None
 ) -> tuple[int, list[Incomplete]]:
     store = AuditStore(path)
     try:
@@ -437,7 +432,7 @@ class AuditService(Service):
         super().__init__(settings)
         self.name = "audit"
         self.transactional_id = "sluice-audit-writer"
-        self.store = AuditStore(settings.state_dir / "audit" / "index.sqlite")
+        self.store = open_index(settings)
         self.indexer = Indexer(settings.bootstrap, self.store)
         self.ring = KeyRing(
             load_master_key(settings.audit_master_key, settings.state_dir), settings.audit_key_period_s
@@ -485,10 +480,6 @@ class AuditService(Service):
             self._outputs_task,
             asyncio.create_task(watch.run(lambda: self._producer), name="audit-completeness"),
             asyncio.create_task(sweep.run(), name="audit-retention"),
-            asyncio.create_task(
-                ChainWatch(self.store.path, self.settings.audit_completeness_interval_s).run(),
-                name="audit-chain-watch",
-            ),
         ]
 
     async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
@@ -617,6 +608,19 @@ class AuditService(Service):
         if self._producer is not None:
             await self._producer.stop()
         self.store.close()
+
+
+def open_index(settings: Settings) -> AuditStore:
+    """SQLite under the state dir, or PostgreSQL when SLUICE_AUDIT_INDEX_DSN names one."""
+    dsn = settings.audit_index_dsn
+    if not dsn:
+        return AuditStore(settings.state_dir / "audit" / "index.sqlite")
+    if not is_dsn(dsn):
+        raise SystemExit("SLUICE_AUDIT_INDEX_DSN: must be a postgresql:// DSN")
+    try:
+        return AuditStore(dsn)
+    except Exception as exc:  # the driver's errors vary; the operator needs the setting and the reason
+        raise SystemExit(f"SLUICE_AUDIT_INDEX_DSN: cannot open the index: {type(exc).__name__}") from None
 
 
 def build(settings: Settings) -> Service:

@@ -1,64 +1,104 @@
-"""SQLite index of sluice.audit.v1 for compliance queries. Rebuildable from the topic.
+"""The index of sluice.audit.v1 for compliance queries: SQLite, or PostgreSQL by DSN. Rebuildable.
 
 Rows are keyed by topic offset, not by seq, so the index mirrors the topic
 exactly, forged or duplicated records included: verification then finds them
 instead of the index hiding them. Each row carries the request's who/what
 (user, model, template) copied from the request's earlier records, so a filter
 on the user finds every stage of that user's requests.
+
+Both backends run the same SQL (written for SQLite, with `?` placeholders and
+a quoted "user" column, which PostgreSQL reserves); only the schema types, the
+placeholder style and the string aggregate differ, in `Dialect`.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.audit.records import NOT_REQUESTS
 from sluice.v1 import events_pb2
 
+if TYPE_CHECKING:
+    import psycopg
+
+    Connection = sqlite3.Connection | psycopg.Connection[tuple[Any, ...]]
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-  topic_offset INTEGER PRIMARY KEY,
-  seq INTEGER NOT NULL,
+  topic_offset {int} PRIMARY KEY,
+  seq {int} NOT NULL,
   request_id TEXT NOT NULL,
   tenant TEXT NOT NULL,
   stage TEXT NOT NULL,
-  event_ms INTEGER NOT NULL,
-  user TEXT NOT NULL,
+  event_ms {int} NOT NULL,
+  "user" TEXT NOT NULL,
   model TEXT NOT NULL,
   template TEXT NOT NULL,
   template_version TEXT NOT NULL,
   finish_reason TEXT NOT NULL,
-  cost_nanos INTEGER,
-  body BLOB NOT NULL
+  cost_nanos {int},
+  body {blob} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_request ON records (request_id, topic_offset);
 CREATE INDEX IF NOT EXISTS records_by_seq ON records (seq);
 CREATE INDEX IF NOT EXISTS records_by_tenant_time ON records (tenant, event_ms, topic_offset);
-CREATE INDEX IF NOT EXISTS records_by_user_time ON records (user, event_ms, topic_offset);
+CREATE INDEX IF NOT EXISTS records_by_user_time ON records ("user", event_ms, topic_offset);
 CREATE INDEX IF NOT EXISTS records_by_time ON records (event_ms, topic_offset);
 CREATE TABLE IF NOT EXISTS entities (
   entity TEXT NOT NULL,
-  topic_offset INTEGER NOT NULL,
-  count INTEGER NOT NULL,
+  topic_offset {int} NOT NULL,
+  count {int} NOT NULL,
   PRIMARY KEY (entity, topic_offset)
-) WITHOUT ROWID;
+){without_rowid};
 CREATE TABLE IF NOT EXISTS requests (
   request_id TEXT PRIMARY KEY,
   tenant TEXT NOT NULL,
-  first_ms INTEGER NOT NULL,
-  user TEXT NOT NULL,
+  first_ms {int} NOT NULL,
+  "user" TEXT NOT NULL,
   model TEXT NOT NULL,
   template TEXT NOT NULL,
   template_version TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (first_ms);
 """
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the backends; the queries themselves are shared."""
+
+    schema: str
+    placeholder: str
+    stages_csv: str  # aggregate of a request's distinct stages, comma-separated
+
+    def sql(self, query: str) -> str:
+        return query if self.placeholder == "?" else query.replace("?", self.placeholder)
+
+
+SQLITE = Dialect(
+    SCHEMA.format(int="INTEGER", blob="BLOB", without_rowid=" WITHOUT ROWID"),
+    "?",
+    "group_concat(DISTINCT r.stage)",
+)
+POSTGRES = Dialect(
+    SCHEMA.format(int="BIGINT", blob="BYTEA", without_rowid=""),
+    "%s",
+    "string_agg(DISTINCT r.stage, ',')",
+)
+
+
+def is_dsn(location: Path | str) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
 
 FINISH_PREFIX = "FINISH_REASON_"
 # Requests whose who/what the indexer keeps in memory (the rest are read back from SQLite).
@@ -110,14 +150,59 @@ Row = tuple[int, events_pb2.AuditRecord]
 
 
 class AuditStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+    """The index at `location`: a SQLite file path, or a PostgreSQL DSN (postgresql://...)."""
+
+    def __init__(self, location: Path | str) -> None:
+        self.location = location
+        self._db: Connection
+        if is_dsn(location):
+            import psycopg  # only deployments that choose PostgreSQL need the driver
+
+            self.dialect = POSTGRES
+            self._db = psycopg.connect(str(location), autocommit=True)
+            with self._transaction():
+                for statement in self.dialect.schema.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+        else:
+            path = Path(location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.dialect = SQLITE
+            lite = sqlite3.connect(path)
+            lite.execute("PRAGMA journal_mode=WAL")
+            lite.execute("PRAGMA synchronous=NORMAL")
+            lite.executescript(self.dialect.schema)
+            self._db = lite
         self._who: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
+
+    @property
+    def path(self) -> Path | str:
+        """Where the index is; another AuditStore(path) opens its own connection to it."""
+        return self.location
+
+    def _transaction(self) -> AbstractContextManager[object]:
+        if isinstance(self._db, sqlite3.Connection):
+            return self._db
+        return self._db.transaction()
+
+    def _rows(self, query: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        return list(self._db.execute(self.dialect.sql(query), tuple(args)).fetchall())
+
+    def _one(self, query: str, args: Sequence[object] = ()) -> tuple[object, ...] | None:
+        row = self._db.execute(self.dialect.sql(query), tuple(args)).fetchone()
+        return None if row is None else tuple(row)
+
+    def _many(self, query: str, rows: Sequence[Sequence[object]]) -> int:
+        """Run `query` once per row; returns how many rows it changed."""
+        if not rows:
+            return 0
+        if isinstance(self._db, sqlite3.Connection):
+            before = self._db.total_changes
+            self._db.executemany(query, rows)
+            return self._db.total_changes - before
+        with self._db.cursor() as cursor:
+            cursor.executemany(self.dialect.sql(query), rows)
+            return max(cursor.rowcount, 0)
 
     # -- writing (the indexer only) ------------------------------------------------
 
@@ -165,28 +250,30 @@ class AuditStore:
                 for key, n in details.items()
                 if key.startswith("entities.") and n.isdigit()
             )
-        with self._db:
-            before = self._db.total_changes
-            self._db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", records)
-            added = self._db.total_changes - before
-            self._db.executemany(
-                "INSERT INTO requests VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id) DO UPDATE SET "
-                "user = excluded.user, model = excluded.model, template = excluded.template, "
-                "template_version = excluded.template_version",
-                requests,
+        with self._transaction():
+            added = self._many(
+                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", records
             )
-            self._db.executemany("INSERT OR IGNORE INTO entities VALUES (?,?,?)", entities)
+            self._many(
+                "INSERT INTO requests VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id) DO UPDATE SET "
+                '"user" = excluded."user", model = excluded.model, template = excluded.template, '
+                "template_version = excluded.template_version",
+                _last_per_request(requests),
+            )
+            self._many("INSERT INTO entities VALUES (?,?,?) ON CONFLICT DO NOTHING", entities)
         return added
 
     def _remember(self, request_id: str, who: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
         """Merge what this record says about its request with what earlier records said."""
         known = self._who.get(request_id)
         if known is None:
-            row = self._db.execute(
-                "SELECT user, model, template, template_version FROM requests WHERE request_id = ?",
+            row = self._one(
+                'SELECT "user", model, template, template_version FROM requests WHERE request_id = ?',
                 (request_id,),
-            ).fetchone()
-            known = tuple(row) if row is not None else ("", "", "", "")
+            )
+            known = (
+                (str(row[0]), str(row[1]), str(row[2]), str(row[3])) if row is not None else ("", "", "", "")
+            )
         merged = (known[0] or who[0], known[1] or who[1], known[2] or who[2], known[3] or who[3])
         self._who[request_id] = merged
         self._who.move_to_end(request_id)
@@ -196,53 +283,59 @@ class AuditStore:
 
     def clear(self) -> None:
         self._who.clear()
-        with self._db:
+        with self._transaction():
             for table in ("records", "entities", "requests"):
                 self._db.execute(f"DELETE FROM {table}")
 
     # -- reading ---------------------------------------------------------------------
 
     def next_offset(self) -> int:
-        row = self._db.execute("SELECT MAX(topic_offset) FROM records").fetchone()
-        return 0 if row[0] is None else int(row[0]) + 1
+        row = self._one("SELECT MAX(topic_offset) FROM records")
+        return 0 if row is None or row[0] is None else int(str(row[0])) + 1
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        row = self._one("SELECT COUNT(*) FROM records")
+        return 0 if row is None else int(str(row[0]))
 
     def head(self) -> events_pb2.AuditRecord | None:
         """The last record in topic order: the writer appends after it."""
-        row = self._db.execute("SELECT body FROM records ORDER BY topic_offset DESC LIMIT 1").fetchone()
-        return None if row is None else events_pb2.AuditRecord.FromString(row[0])
+        row = self._one("SELECT body FROM records ORDER BY topic_offset DESC LIMIT 1")
+        return None if row is None else _record(row[0])
 
     def by_seq(self, seq: int) -> events_pb2.AuditRecord | None:
         found = self.offset_of_seq(seq)
         return None if found is None else found[1]
 
     def offset_of_seq(self, seq: int) -> Row | None:
-        row = self._db.execute(
+        row = self._one(
             "SELECT topic_offset, body FROM records WHERE seq = ? ORDER BY topic_offset LIMIT 1", (seq,)
-        ).fetchone()
-        return None if row is None else (int(row[0]), events_pb2.AuditRecord.FromString(row[1]))
+        )
+        return None if row is None else (int(str(row[0])), _record(row[1]))
 
     def user_of(self, request_id: str) -> str:
         """The end-user id an earlier record of the request named ("" if none did)."""
-        row = self._db.execute("SELECT user FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        row = self._one('SELECT "user" FROM requests WHERE request_id = ?', (request_id,))
         return "" if row is None else str(row[0])
 
     def trail(self, request_id: str) -> list[Row]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT topic_offset, body FROM records WHERE request_id = ? ORDER BY topic_offset", (request_id,)
-        ).fetchall()
-        return [(int(offset), events_pb2.AuditRecord.FromString(body)) for offset, body in rows]
+        )
+        return [(int(str(offset)), _record(body)) for offset, body in rows]
 
     def walk(self, from_offset: int = 0) -> Iterator[Row]:
         """Every record from `from_offset` in topic order, streamed (constant memory)."""
-        cursor = self._db.execute(
-            "SELECT topic_offset, body FROM records WHERE topic_offset >= ? ORDER BY topic_offset",
-            (from_offset,),
+        query = self.dialect.sql(
+            "SELECT topic_offset, body FROM records WHERE topic_offset >= ? ORDER BY topic_offset"
         )
-        for offset, body in cursor:
-            yield int(offset), events_pb2.AuditRecord.FromString(body)
+        if isinstance(self._db, sqlite3.Connection):
+            for offset, body in self._db.execute(query, (from_offset,)):
+                yield int(offset), _record(body)
+            return
+        with self._db.transaction(), self._db.cursor(name="audit_walk") as cursor:  # server-side
+            cursor.execute(query, (from_offset,))
+            for offset, body in cursor:
+                yield int(offset), _record(body)
 
     def query(self, f: QueryFilter) -> tuple[list[Row], tuple[int, int] | None]:
         """One page in (event time, offset) order, and the cursor of the next page if any."""
@@ -250,7 +343,7 @@ class AuditStore:
         args: list[object] = []
         for column, value in (
             ("tenant", f.tenant),
-            ("user", f.user),
+            ('"user"', f.user),
             ("model", f.model),
             ("template", f.template),
             ("template_version", f.template_version),
@@ -283,11 +376,11 @@ class AuditStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY event_ms, topic_offset LIMIT ?"
-        rows = self._db.execute(sql, (*args, f.page_size + 1)).fetchall()
+        rows = self._rows(sql, (*args, f.page_size + 1))
         page = rows[: f.page_size]
         more = len(rows) > f.page_size
-        cursor = (int(page[-1][0]), int(page[-1][1])) if more and page else None
-        return [(int(offset), events_pb2.AuditRecord.FromString(body)) for _, offset, body in page], cursor
+        cursor = (int(str(page[-1][0])), int(str(page[-1][1]))) if more and page else None
+        return [(int(str(offset)), _record(body)) for _, offset, body in page], cursor
 
     def completeness(
         self, tenant: str, from_ms: int | None, to_ms: int | None
@@ -304,22 +397,36 @@ class AuditStore:
         if to_ms is not None:
             where.append("q.first_ms < ?")
             args.append(to_ms)
-        rows = self._db.execute(
-            "SELECT q.request_id, q.tenant, q.first_ms, group_concat(DISTINCT r.stage) "
+        rows = self._rows(
+            f"SELECT q.request_id, q.tenant, q.first_ms, {self.dialect.stages_csv} "
             "FROM requests q JOIN records r ON r.request_id = q.request_id "
-            f"WHERE {' AND '.join(where)} GROUP BY q.request_id ORDER BY q.first_ms",
+            f"WHERE {' AND '.join(where)} GROUP BY q.request_id, q.tenant, q.first_ms ORDER BY q.first_ms",
             args,
-        ).fetchall()
+        )
         missing: list[Incomplete] = []
         for request_id, owner, first_ms, stages_csv in rows:
-            stages = sorted(set(stages_csv.split(",")))
+            stages = sorted(set(str(stages_csv).split(",")))
             gaps = _missing_stages(set(stages))
             if gaps:
-                missing.append(Incomplete(request_id, owner, int(first_ms), stages, gaps))
+                missing.append(Incomplete(str(request_id), str(owner), int(str(first_ms)), stages, gaps))
         return len(rows), missing
 
     def close(self) -> None:
         self._db.close()
+
+
+def _record(body: object) -> events_pb2.AuditRecord:
+    assert isinstance(body, bytes | memoryview), "records.body is BLOB (SQLite) or BYTEA (PostgreSQL)"
+    return events_pb2.AuditRecord.FromString(bytes(body))
+
+
+def _last_per_request(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """One upsert per request per batch: its first tenant and time, its last (most merged) who."""
+    merged: dict[object, tuple[object, ...]] = {}
+    for row in rows:
+        first = merged.get(row[0])
+        merged[row[0]] = row if first is None else (*first[:3], *row[3:])
+    return list(merged.values())
 
 
 def _missing_stages(stages: set[str]) -> list[str]:

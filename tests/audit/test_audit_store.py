@@ -1,9 +1,15 @@
-"""The SQLite index on a real file: filters, paging, tampering, completeness."""
+"""The index on both backends: a real SQLite file and a real PostgreSQL server (pgserver).
+
+Filters, paging, tampering and completeness must mean the same on either.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -75,9 +81,33 @@ def lifecycle(
     return records
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real PostgreSQL server from the pgserver wheel (no Docker here)."""
+    pgserver = pytest.importorskip(
+        "pgserver", reason="the dev extra's pgserver ships the PostgreSQL binaries"
+    )
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    if request.param == "sqlite":
+        return tmp_path / "index.sqlite"
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    name = f"audit_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.get_uri(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return str(server.get_uri(name))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> AuditStore:
-    s = AuditStore(tmp_path / "index.sqlite")
+def store(location: Path | str) -> Iterator[AuditStore]:
+    s = AuditStore(location)
     prev, seq = chain.GENESIS, 0
     batch = []
     for i in range(20):
@@ -87,8 +117,10 @@ def store(tmp_path: Path) -> AuditStore:
             chain.seal(record, seq, prev)
             prev = record.hash
             batch.append((seq - 1, record))
-    s.add_many(batch)
-    return s
+    assert s.add_many(batch) == len(batch)
+    assert s.add_many(batch[:5]) == 0  # re-read offsets are ignored
+    yield s
+    s.close()
 
 
 def ids(rows: list[tuple[int, events_pb2.AuditRecord]]) -> list[tuple[str, str]]:
@@ -136,13 +168,30 @@ def test_completeness_lists_the_request_never_charged(store: AuditStore) -> None
 
 def test_an_edited_row_in_the_index_is_found_by_a_walk(store: AuditStore) -> None:
     assert _walk(store).valid
-    with sqlite3.connect(store.path) as db:
-        body = db.execute("SELECT body FROM records WHERE seq = 42").fetchone()[0]
-        record = events_pb2.AuditRecord.FromString(body)
-        record.details["cost_nanos"] = "1"
-        db.execute("UPDATE records SET body = ? WHERE seq = 42", (record.SerializeToString(),))
+    record = store.by_seq(42)
+    assert record is not None
+    record.details["cost_nanos"] = "1"
+    _tamper(store.path, 42, record.SerializeToString())
     walk = _walk(store)
     assert (walk.valid, walk.broken_seq, walk.broken_offset) == (False, 42, 41)
+
+
+def _tamper(location: Path | str, seq: int, body: bytes) -> None:
+    """Edit a row from outside, as someone with write access to the database could."""
+    if isinstance(location, Path):
+        with sqlite3.connect(location) as db:
+            db.execute("UPDATE records SET body = ? WHERE seq = ?", (body, seq))
+        return
+    import psycopg
+
+    with psycopg.connect(location, autocommit=True) as db:
+        db.execute("UPDATE records SET body = %s WHERE seq = %s", (body, seq))
+
+
+def test_the_writer_finds_the_user_of_a_request_from_its_earlier_records(store: AuditStore) -> None:
+    assert store.user_of("req4") == "user1" and store.user_of("nope") == ""
+    assert store.head() is not None and store.head().seq == 99  # type: ignore[union-attr]
+    assert store.next_offset() == 99 and store.count() == 99
 
 
 def test_clear_empties_the_index(store: AuditStore) -> None:

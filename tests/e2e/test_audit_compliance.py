@@ -107,7 +107,11 @@ def test_the_trail_tells_the_whole_story_with_redacted_content(stack: Stack, sto
     content = records["redacted"]["content"]
     assert "Say hi." in content and EMAIL not in content
     assert int(records["charged"]["details"]["cost_nanos"]) > 0
-    assert "content" not in records["completed"]
+    # The model's output, assembled from the (output-redacted) reply chunks, sealed with the completion.
+    completed = records["completed"]
+    assert completed["details"]["output"] == "stored" and completed["content_state"] == "readable"
+    assert completed["content"].strip() and EMAIL not in completed["content"]
+    assert completed["content_subject"] == records["redacted"]["content_subject"]
 
 
 def test_query_lists_a_users_requests_with_pii_types_and_cost(stack: Stack, story: dict[str, str]) -> None:
@@ -224,9 +228,12 @@ def test_erasure_shreds_content_everywhere_and_the_chain_still_verifies(
     user = story["user"]
     exported = tmp_path / "before.jsonl"
     assert sluice(stack, "audit", "export", "--user", user, "--output", str(exported)).returncode == 0
-    sealed = [json.loads(line) for line in exported.read_text().splitlines() if "content" in line]
-    assert len(sealed) == 1 and "Say hi." not in exported.read_text()  # exports hold ciphertext only
+    rows = [json.loads(line) for line in exported.read_text().splitlines()]
+    sealed = [row for row in rows if row.get("content")]
+    assert [row["stage"] for row in sealed] == ["redacted", "completed"]  # the prompt and the output
+    assert "Say hi." not in exported.read_text()  # exports hold ciphertext only
     assert "Say hi." in (open_exported(stack, sealed[0]) or "")
+    assert open_exported(stack, sealed[1])
 
     erased = json.loads(sluice(stack, "--json", "audit", "erase", "--subject", user).stdout)
     assert erased["had_key"] is True
@@ -236,7 +243,7 @@ def test_erasure_shreds_content_everywhere_and_the_chain_still_verifies(
         return found
 
     erasure = poll("the erasure record", 60, recorded)[0]
-    assert erasure["details"] == {"action": "erased", "had_key": "true"}
+    assert erasure["details"] == {"action": "erased", "had_key": "true", "keys_destroyed": "1"}
 
     trail = json.loads(sluice(stack, "audit", "trail", story["request_id"], "--json").stdout)
     redacted = trail["records"][1]
@@ -249,6 +256,7 @@ def test_erasure_shreds_content_everywhere_and_the_chain_still_verifies(
         audit_pb2.CONTENT_STATE_ERASED
     }
     assert open_exported(stack, sealed[0]) is None  # the export made before erasure is dead too
+    assert open_exported(stack, sealed[1]) is None
     for fmt in ("jsonl", "parquet"):
         out = tmp_path / f"export.{fmt}"
         done = sluice(stack, "audit", "export", "--user", user, "--format", fmt, "--output", str(out))
