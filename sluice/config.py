@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     state_dir: Path = REPO_ROOT / ".sluice"
     host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Tracing (sluice/tracing.py): none, console (stderr), otlp (gRPC to the endpoint),
+    # or file (<state_dir>/traces/<service>.jsonl, one JSON span per line).
+    traces_exporter: Literal["none", "console", "otlp", "file"] = "none"
+    traces_otlp_endpoint: str = "localhost:4317"
+    traces_otlp_insecure: bool = True
 
     gateway_port: int = Field(default=50051, gt=0, lt=65536)
     redaction_port: int = Field(default=50052, gt=0, lt=65536)

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from sluice.tracing import current_traceparent
 from sluice.v1 import envelope_pb2
 
 SCHEMA_VERSION = 1
@@ -46,7 +47,8 @@ def new_envelope(
         attempt=attempt,
         tenant=tenant,
         event_time=_now(),
-        traceparent=traceparent or new_traceparent(),
+        # A request's first event joins the caller's trace (the gateway's RPC span) if there is one.
+        traceparent=traceparent or current_traceparent() or new_traceparent(),
         schema_version=SCHEMA_VERSION,
         event_id=uuid.uuid4().hex,
         producer=producer,
@@ -54,14 +56,17 @@ def new_envelope(
 
 
 def follow(parent: envelope_pb2.Envelope, producer: str) -> envelope_pb2.Envelope:
-    """Envelope for an event caused by `parent`: same request, attempt, tenant and trace."""
-    return new_envelope(
+    """Envelope for an event caused by `parent`: same request, attempt, tenant, trace and deadline."""
+    envelope = new_envelope(
         request_id=parent.request_id,
         tenant=parent.tenant,
         producer=producer,
         attempt=parent.attempt,
         traceparent=parent.traceparent,
     )
+    if parent.HasField("deadline"):
+        envelope.deadline.CopyFrom(parent.deadline)
+    return envelope
 
 
 def validate(envelope: envelope_pb2.Envelope) -> None:

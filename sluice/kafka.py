@@ -10,6 +10,7 @@ the consumer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import time
@@ -23,7 +24,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from google.protobuf.message import Message
 
 from sluice import envelope as envelopes
-from sluice import metrics
+from sluice import metrics, tracing
 from sluice.logs import get_logger
 from sluice.topics import DLQ, TOKENS, BadEvent, Codec
 from sluice.v1 import events_pb2
@@ -257,36 +258,40 @@ class EventConsumer:
         outputs: Sequence[Output]
         event: Message | None = None
         outcome = "ok"
-        try:
-            event = self.codec.decode(record.topic, record.value, _content_type(record))
+        # The span opens once the record is decoded (its context may be in the envelope).
+        with contextlib.ExitStack() as scope:
+            try:
+                event = self.codec.decode(record.topic, record.value, _content_type(record))
+                scope.enter_context(tracing.consume_span(self.service, record, event))
+                env = getattr(event, "envelope", None)
+                if env is not None:
+                    try:
+                        envelopes.validate(env)
+                    except ValueError as exc:
+                        raise BadEvent(str(exc)) from None
+                    if self._recent.seen(dedupe_key(record, env)):
+                        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
+                        log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
+                        return
+                outputs = await self.handler(event, record)
+            except BadEvent as exc:
+                outcome = "dead_letter"
+                outputs = self._dead_letter(record, event, str(exc), "INVALID_ARGUMENT")
+            except RequestFailed as exc:
+                outcome = "dead_letter"
+                outputs = self._dead_letter(record, event, str(exc), exc.code)
+            except Exception as exc:  # a bug or a broken dependency must not stop the consumer
+                outcome = "dead_letter"
+                log.exception("handler failed", topic=record.topic, offset=record.offset)
+                reason = f"{self.service} failed: {type(exc).__name__}"
+                outputs = self._dead_letter(record, event, reason, "INTERNAL")
+            outputs = tracing.traced_outputs(outputs, outcome)
+            await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
             env = getattr(event, "envelope", None)
-            if env is not None:
-                try:
-                    envelopes.validate(env)
-                except ValueError as exc:
-                    raise BadEvent(str(exc)) from None
-                if self._recent.seen(dedupe_key(record, env)):
-                    metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
-                    log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
-                    return
-            outputs = await self.handler(event, record)
-        except BadEvent as exc:
-            outcome = "dead_letter"
-            outputs = self._dead_letter(record, event, str(exc), "INVALID_ARGUMENT")
-        except RequestFailed as exc:
-            outcome = "dead_letter"
-            outputs = self._dead_letter(record, event, str(exc), exc.code)
-        except Exception as exc:  # a bug or a broken dependency must not stop the consumer
-            outcome = "dead_letter"
-            log.exception("handler failed", topic=record.topic, offset=record.offset)
-            reason = f"{self.service} failed: {type(exc).__name__}"
-            outputs = self._dead_letter(record, event, reason, "INTERNAL")
-        await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
-        env = getattr(event, "envelope", None)
-        if env is not None and env.request_id:
-            self._recent.remember(dedupe_key(record, env))
-        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()
-        metrics.HANDLER_SECONDS.labels(self.service, record.topic).observe(time.perf_counter() - started)
+            if env is not None and env.request_id:
+                self._recent.remember(dedupe_key(record, env))
+            metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()
+            metrics.HANDLER_SECONDS.labels(self.service, record.topic).observe(time.perf_counter() - started)
 
     def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], event: Message | None, reason: str, code: str
@@ -384,6 +389,7 @@ def dead_letter(
 
 
 async def send(producer: AIOKafkaProducer, service: str, output: Output) -> None:
+    output = tracing.with_trace_headers(output)
     await producer.send_and_wait(
         output.topic,
         output.event.SerializeToString(),

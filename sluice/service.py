@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from sluice import logs
+from sluice import logs, tracing
 from sluice.config import ServiceName, Settings
 from sluice.grpc_metrics import MetricsInterceptor
 from sluice.kafka import EventConsumer, start_producer
@@ -105,7 +105,7 @@ async def serve(service: Service) -> None:
     name = service.name
     start_http_server(settings.metrics_port(name), addr=settings.host)
 
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(name)])
+    server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), MetricsInterceptor(name)])
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [api.name for api in service.apis()]
@@ -183,4 +183,5 @@ async def _set_status(servicer: health_aio.HealthServicer, names: Sequence[str],
 
 def run(service: Service) -> None:
     logs.configure(service.name, service.settings.log_level)
+    tracing.configure(service.name, service.settings)
     asyncio.run(serve(service))

@@ -80,6 +80,7 @@ def stack_settings(topics_ready: str, tmp_path_factory: pytest.TempPathFactory) 
         state_dir=tmp_path_factory.mktemp("state"),
         metrics_port_offset=_free_offset(ports),
         gateway_reply_timeout_s=120,
+        traces_exporter="file",  # tests/e2e/test_tracing.py reads <state_dir>/traces
         **{f"{name}_port": port for name, port in zip(SERVICES, ports, strict=True)},
     )
 
