@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from sluice.engine_specs import EngineKind, LlamaCppSettings, OpenAISettings, TrtllmSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
@@ -32,11 +34,28 @@ class ConfigError(ValueError):
 
 
 class ModelSpec(BaseModel):
-    engine: Literal["llamacpp"] = "llamacpp"
+    engine: EngineKind = "llamacpp"
+    # The model's GGUF: its chat template and tokenizer for every engine (prompts
+    # fit-to-context, exact prompt counts), and its weights for llamacpp.
     source: str
     aliases: list[str] = Field(default_factory=list)
     context_tokens: int = Field(gt=0)
     max_output_tokens: int = Field(gt=0)
+    # Settings of the engine named by `engine` (sluice/engine_specs.py); only that one may be set.
+    llamacpp: LlamaCppSettings | None = None
+    trtllm: TrtllmSettings | None = None
+    openai: OpenAISettings | None = None
+
+    @model_validator(mode="after")
+    def _engine_sections(self) -> ModelSpec:
+        for kind in ("llamacpp", "trtllm", "openai"):
+            if kind != self.engine and getattr(self, kind) is not None:
+                raise ValueError(f"`{kind}:` settings are given but engine is {self.engine!r}")
+        if self.engine == "trtllm" and self.trtllm is None:
+            raise ValueError("engine 'trtllm' needs a `trtllm:` section with model_dir")
+        if self.engine == "openai" and self.openai is None:
+            raise ValueError("engine 'openai' needs an `openai:` section with base_url")
+        return self
 
 
 class ModelCatalog(BaseModel):
@@ -197,7 +216,13 @@ class Settings(BaseSettings):
 
     @cached_property
     def catalog(self) -> ModelCatalog:
-        catalog = ModelCatalog.model_validate(_read_yaml(self.models_file, "SLUICE_MODELS_FILE"))
+        try:
+            catalog = ModelCatalog.model_validate(_read_yaml(self.models_file, "SLUICE_MODELS_FILE"))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"SLUICE_MODELS_FILE ({self.models_file}): {problems}") from None
         if catalog.default_model not in catalog.models:
             raise ConfigError(f"SLUICE_MODELS_FILE: default_model {catalog.default_model!r} is not in models")
         return catalog

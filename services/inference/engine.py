@@ -91,9 +91,17 @@ class TokenStream(Protocol):
 
 @runtime_checkable
 class Engine(Protocol):
-    kind: str  # "llamacpp" | "trtllm" | "openai"
-    model_version: str
-    context_tokens: int
+    @property
+    def kind(self) -> str:
+        """"llamacpp" | "trtllm" | "openai" (goes into every completion)."""
+
+    @property
+    def model_version(self) -> str:
+        """Which exact weights / engine build serves (final once `start()` returned)."""
+
+    @property
+    def context_tokens(self) -> int:
+        """Prompt plus max_tokens may not exceed this."""
 
     async def start(self) -> None:
         """Load the model; raise EngineLoadError when it cannot serve."""
