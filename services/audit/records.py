@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from aiokafka import ConsumerRecord
@@ -11,7 +12,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.audit.chain import CHECKPOINT
 from sluice import topics
 from sluice.identity import pseudonymous_user
-from sluice.v1 import billing_pb2, compliance_pb2, events_pb2, keys_pb2, templates_pb2
+from sluice.v1 import (
+    billing_pb2,
+    compliance_pb2,
+    events_pb2,
+    keys_pb2,
+    privacy_pb2,
+    templates_pb2,
+)
 
 
 def _received(e: events_pb2.GenerationRequested) -> dict[str, str]:
@@ -86,8 +94,26 @@ def _control(e: events_pb2.ControlEvent) -> dict[str, str]:
 
 # The prompts area's template registry (services/prompts/registry_log.py).
 TEMPLATES = "sluice.templates.v1"
-# The metering area's budgets as set by SetBudget (streams/metering_budgets.py).
+# The metering area's budgets as set by SetBudget, and its alerts (streams/metering_budgets.py).
 BUDGET_POLICIES = "sluice.budget-policies.v1"
+BUDGET_ALERTS = "sluice.budget-alerts.v1"
+# The metering area's price catalog versions (services/metering/service.py).
+PRICES = "sluice.prices.v1"
+# The redaction area's per-tenant policy overrides (services/redaction/policy.py).
+REDACTION_POLICIES = "sluice.policies.v1"
+# Topics of the plan the audit writer deliberately does not chain, and why (tests hold
+# every topic to being either audited or listed here).
+NOT_AUDITED = {
+    topics.TOKENS: "output text: assembled per attempt onto the `completed` record",
+    topics.BUDGETS: "running totals derived from sluice.usage.v1, which is audited",
+    topics.AUDIT: "the trail itself",
+    topics.AUDIT_KEYS: "data keys; their destruction is chained as `compliance` records",
+    topics.AUDIT_ALERTS: "derived from the trail (completeness)",
+    "sluice.inference-attempts.v1": "worker bookkeeping; each attempt's completion names its worker",
+    "sluice.batch-replies.v1": "reply events of batch requests (as sluice.tokens.v1)",
+    "sluice.batches.v1": "a fold of batch results derived from audited completions and charges",
+    "sluice.feedback-stats.v1": "aggregates derived from sluice.feedback.v1, which is audited",
+}
 
 
 def _template_changed(e: templates_pb2.TemplateEvent) -> dict[str, str]:
@@ -137,6 +163,33 @@ def _budget_changed(e: billing_pb2.BudgetPolicy) -> dict[str, str]:
     }
 
 
+def _budget_alert(e: billing_pb2.BudgetAlert) -> dict[str, str]:
+    return {
+        "key_id": e.budget.key_id,
+        "period": billing_pb2.BudgetPeriod.Name(e.budget.period),
+        "threshold_percent": str(e.threshold_percent),
+        "limit": e.limit,
+        "spent_nanos": str(e.window.spent_nanos),
+    }
+
+
+def _price_changed(e: billing_pb2.PriceCatalog) -> dict[str, str]:
+    return {
+        "price_version": e.version,
+        "currency": e.currency,
+        "rates": str(len(e.rates)),
+        "digest": e.digest,
+    }
+
+
+def _redaction_policy_changed(e: privacy_pb2.PolicyUpdate) -> dict[str, str]:
+    """A digest of the policy, not its text: deny-lists in it may name people."""
+    return {
+        "policy_sha256": hashlib.sha256(e.policy_yaml.encode()).hexdigest(),
+        "policy_bytes": str(len(e.policy_yaml.encode())),
+    }
+
+
 def _key_changed(e: keys_pb2.ApiKey) -> dict[str, str]:
     """Role, models and limits of an API key: never its salt, hash or free-text description."""
     return {
@@ -162,10 +215,24 @@ STAGES: dict[str, tuple[str, Callable[..., dict[str, str]]]] = {
     topics.CONTROL: ("control", _control),
     TEMPLATES: ("template_changed", _template_changed),
     BUDGET_POLICIES: ("budget_changed", _budget_changed),
+    BUDGET_ALERTS: ("budget_alert", _budget_alert),
+    PRICES: ("price_changed", _price_changed),
+    REDACTION_POLICIES: ("redaction_policy_changed", _redaction_policy_changed),
     topics.KEYS: ("key_changed", _key_changed),
 }
 # Stages that are not steps of one request (the index keeps no request row for them).
-NOT_REQUESTS = frozenset({CHECKPOINT, "compliance", "template_changed", "budget_changed", "key_changed"})
+NOT_REQUESTS = frozenset(
+    {
+        CHECKPOINT,
+        "compliance",
+        "template_changed",
+        "budget_changed",
+        "budget_alert",
+        "price_changed",
+        "redaction_policy_changed",
+        "key_changed",
+    }
+)
 
 
 def _origin(event: Message) -> tuple[str, int, str, str]:
@@ -174,6 +241,10 @@ def _origin(event: Message) -> tuple[str, int, str, str]:
         b = event.budget
         period = billing_pb2.BudgetPeriod.Name(b.period)
         return f"budget/{b.tenant}/{b.key_id}/{period}", 1, b.tenant, _time(event.updated_at)
+    if isinstance(event, billing_pb2.BudgetAlert):
+        return f"budget-alert/{event.alert_id}", 1, event.budget.tenant, _time(event.event_time)
+    if isinstance(event, billing_pb2.PriceCatalog):
+        return f"prices/{event.version}", 1, "", _time(event.published_at)
     if isinstance(event, keys_pb2.ApiKey):
         changed = event.revoked_at if event.HasField("revoked_at") else event.created_at
         return f"key/{event.key_id}", 1, event.tenant, _time(changed)

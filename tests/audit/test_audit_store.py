@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import REGISTRY
 
 from services.audit import chain
 from services.audit.filters import InvalidArgument
-from services.audit.service import walk_index
+from services.audit.service import CompletenessWatch, walk_index
 from services.audit.store import AuditStore, QueryFilter
 from sluice.v1 import events_pb2
 
@@ -214,3 +215,18 @@ def test_a_range_walk_starts_after_its_predecessor_and_stops_at_to_seq(store: Au
     assert walk.prev_hash == store.by_seq(20).hash  # type: ignore[union-attr]
     with pytest.raises(InvalidArgument, match=r"^from_seq: no record seq=9999 to start after"):
         walk_index(store.path, 10_000, 0)
+
+
+def test_a_request_missing_a_stage_raises_one_alert_and_sets_the_gauge(store: AuditStore) -> None:
+    watch = CompletenessWatch(store, interval_s=60, window_s=3600, grace_s=300)
+    now = T0 + 20_000 + 300_000  # every request is past the grace period
+    alerts = watch.check(now)
+    assert [(a.envelope.request_id, a.envelope.tenant, list(a.missing)) for a in alerts] == [
+        ("req7", "acme", ["charged"])
+    ]
+    assert alerts[0].first_event_time.ToMilliseconds() == T0 + 7000 and alerts[0].grace_s == 300
+    assert "completed" in alerts[0].stages
+    assert REGISTRY.get_sample_value("sluice_audit_incomplete_requests") == 1
+    assert watch.check(now) == []  # alerted once; the gauge still counts it
+    assert REGISTRY.get_sample_value("sluice_audit_incomplete_requests") == 1
+    assert watch.check(T0 + 5_000 + 300_000) == []  # req7 is not yet past the grace period

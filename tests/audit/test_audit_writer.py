@@ -17,13 +17,23 @@ from google.protobuf.message import Message
 from services.audit import chain
 from services.audit.keys import subject_of
 from services.audit.policy import Policies
-from services.audit.records import BUDGET_POLICIES, TEMPLATES
+from services.audit.records import BUDGET_POLICIES, NOT_AUDITED, PRICES, REDACTION_POLICIES, STAGES, TEMPLATES
 from services.audit.service import AuditService, RetentionSweep, entry
 from sluice import envelope as envelopes
 from sluice.config import load_settings
 from sluice.identity import pseudonymous_user
 from sluice.kafka import Output
-from sluice.topics import AUDIT, AUDIT_KEYS, COMPLETIONS, COMPLIANCE, CONTROL, KEYS, REDACTED, REQUESTS
+from sluice.topics import (
+    AUDIT,
+    AUDIT_KEYS,
+    COMPLETIONS,
+    COMPLIANCE,
+    CONTROL,
+    KEYS,
+    REDACTED,
+    REQUESTS,
+    load_plan,
+)
 from sluice.v1 import (
     audit_pb2,
     billing_pb2,
@@ -31,6 +41,7 @@ from sluice.v1 import (
     envelope_pb2,
     events_pb2,
     keys_pb2,
+    privacy_pb2,
     templates_pb2,
 )
 
@@ -264,3 +275,29 @@ async def test_a_cancel_on_the_control_topic_is_chained(writer: AuditService) ->
         "r11",
         "client disconnected",
     )
+
+
+def test_every_topic_in_the_plan_is_audited_or_excluded_with_a_reason() -> None:
+    plan = load_plan(load_settings().topics_file)
+    undecided = set(plan.topics) - set(STAGES) - set(NOT_AUDITED)
+    assert not undecided, f"decide whether the audit writer chains {sorted(undecided)}"
+    assert not set(STAGES) & set(NOT_AUDITED)
+    assert set(STAGES) <= set(plan.topics)  # the writer subscribes to nothing the cluster lacks
+
+
+async def test_price_and_redaction_policy_changes_are_chained_as_digests(writer: AuditService) -> None:
+    prices = billing_pb2.PriceCatalog(version="2026-11", currency="USD", digest="abc")
+    record = sealed(await writer.append(prices, consumed(PRICES, prices)))[0]
+    assert (record.stage, record.request_id, record.details["price_version"]) == (
+        "price_changed",
+        "prices/2026-11",
+        "2026-11",
+    )
+    update = privacy_pb2.PolicyUpdate(
+        envelope=envelopes.new_envelope(request_id="pol-1", tenant="demo", producer="redaction"),
+        tenant="demo",
+        policy_yaml="deny_list: [Jane Roe]\n",
+    )
+    record = sealed(await writer.append(update, consumed(REDACTION_POLICIES, update)))[0]
+    assert record.stage == "redaction_policy_changed" and len(record.details["policy_sha256"]) == 64
+    assert "Jane" not in str(record)
