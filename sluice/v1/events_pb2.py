@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from sluice.v1 import billing_pb2 as sluice_dot_v1_dot_billing__pb2
 from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
+from sluice.v1 import feedback_pb2 as sluice_dot_v1_dot_feedback__pb2
 from sluice.v1 import privacy_pb2 as sluice_dot_v1_dot_privacy__pb2
 from sluice.v1 import templates_pb2 as sluice_dot_v1_dot_templates__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/events.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sluice/v1/billing.proto\x1a\x18sluice/v1/envelope.proto\x1a\x17sluice/v1/privacy.proto\x1a\x19sluice/v1/templates.proto\"X\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\"\x85\x04\n\x13GenerationRequested\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12$\n\x08reply_to\x18\x07 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12@\n\tvariables\x18\x1f \x03(\x0b\x32-.sluice.v1.GenerationRequested.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x12\x1c\n\x14max_tokens_defaulted\x18! \x01(\x08\x12\x0e\n\x06key_id\x18( \x01(\t\x12\x16\n\x0e\x63\x61ller_address\x18\x32 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x04\n\x0fRequestRedacted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12$\n\x08reply_to\x18\x06 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\x43\n\rentity_counts\x18\x07 \x03(\x0b\x32,.sluice.v1.RequestRedacted.EntityCountsEntry\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12<\n\tvariables\x18\x1f \x03(\x0b\x32).sluice.v1.RequestRedacted.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x12\x1c\n\x14max_tokens_defaulted\x18! \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x02\n\x0fPromptAssembled\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12$\n\x08reply_to\x18\x06 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\x10\n\x08template\x18\x07 \x01(\t\x12-\n\rtemplate_used\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateUse\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\"\x83\x03\n\x12\x43ompletionFinished\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\r\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12$\n\x08reply_to\x18\x08 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_busy_ms\x18( \x01(\r\x12\x15\n\rqueue_wait_ms\x18< \x01(\r\x12\x16\n\x0einter_token_ms\x18= \x01(\x02\x12\x0e\n\x06\x65ngine\x18> \x01(\t\x12\x15\n\rmodel_version\x18? \x01(\t\"\xf7\x02\n\x0cUsageCharged\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x0f.sluice.v1.Cost\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12#\n\x04kind\x18( \x01(\x0e\x32\x15.sluice.v1.ChargeKind\x12\x0e\n\x06key_id\x18) \x01(\t\x12\x10\n\x08template\x18* \x01(\t\x12\x16\n\x0e\x66\x61llback_price\x18+ \x01(\x08\x12\x18\n\x10\x63orrects_version\x18, \x01(\t\x12\x30\n\x0c\x63ompleted_at\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65ngine_busy_ms\x18. \x01(\r\"8\n\nTokenChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"a\n\x0eStreamFinished\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.sluice.v1.Usage\".\n\rStreamCharged\x12\x1d\n\x04\x63ost\x18\x01 \x01(\x0b\x32\x0f.sluice.v1.Cost\"<\n\x0cStreamFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\"\xcc\x02\n\nReplyEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.sluice.v1.TokenChunkH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.sluice.v1.StreamFinishedH\x00\x12+\n\x07\x63harged\x18\x04 \x01(\x0b\x32\x18.sluice.v1.StreamChargedH\x00\x12)\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x17.sluice.v1.StreamFailedH\x00\x12/\n\npseudonyms\x18\x14 \x01(\x0b\x32\x19.sluice.v1.PseudonymVaultH\x00\x12/\n\trestarted\x18< \x01(\x0b\x32\x1a.sluice.v1.StreamRestartedH\x00\x42\x06\n\x04\x62ody\"\"\n\x0fStreamRestarted\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\"X\n\x11\x46\x65\x65\x64\x62\x61\x63kSubmitted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05score\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"\xd0\x01\n\nDeadLetter\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\x14\n\x0csource_topic\x18\x02 \x01(\t\x12\x18\n\x10source_partition\x18\x03 \x01(\x05\x12\x15\n\rsource_offset\x18\x04 \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\t\x12\x14\n\x0cpayload_size\x18\x08 \x01(\r\"\xe0\x03\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nevent_time\x18\x06 \x01(\t\x12\x14\n\x0csource_topic\x18\x07 \x01(\t\x12\x18\n\x10source_partition\x18\x08 \x01(\x05\x12\x15\n\rsource_offset\x18\t \x01(\x03\x12\x34\n\x07\x64\x65tails\x18\n \x03(\x0b\x32#.sluice.v1.AuditRecord.DetailsEntry\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\x12\x0c\n\x04user\x18\x32 \x01(\t\x12\x13\n\x0bingest_time\x18\x33 \x01(\t\x12\r\n\x05model\x18\x34 \x01(\t\x12\x17\n\x0f\x63ontent_subject\x18\x35 \x01(\t\x12\x16\n\x0e\x63ontent_key_id\x18\x36 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x37 \x01(\x0c\x12\x12\n\napi_key_id\x18\x38 \x01(\t\x12\x16\n\x0e\x63\x61ller_address\x18\x39 \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x02\n\x0b\x42udgetState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bspent_nanos\x18\x02 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18( \x01(\t\x12!\n\x06\x62udget\x18) \x01(\x0b\x32\x11.sluice.v1.Budget\x12\'\n\x06window\x18* \x01(\x0b\x32\x17.sluice.v1.BudgetWindow\x12\x0f\n\x07\x62locked\x18+ \x01(\x08\x12\x0e\n\x06reason\x18, \x01(\t\x12.\n\nupdated_at\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x0c\x43ontrolEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.sluice.v1.CancelRequestH\x00\x42\x08\n\x06\x61\x63tion\"\x1f\n\rCancelRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_EXPIRED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/events.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sluice/v1/billing.proto\x1a\x18sluice/v1/envelope.proto\x1a\x18sluice/v1/feedback.proto\x1a\x17sluice/v1/privacy.proto\x1a\x19sluice/v1/templates.proto\"X\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\"\x85\x04\n\x13GenerationRequested\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12$\n\x08reply_to\x18\x07 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12@\n\tvariables\x18\x1f \x03(\x0b\x32-.sluice.v1.GenerationRequested.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x12\x1c\n\x14max_tokens_defaulted\x18! \x01(\x08\x12\x0e\n\x06key_id\x18( \x01(\t\x12\x16\n\x0e\x63\x61ller_address\x18\x32 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x04\n\x0fRequestRedacted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12$\n\x08reply_to\x18\x06 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\x43\n\rentity_counts\x18\x07 \x03(\x0b\x32,.sluice.v1.RequestRedacted.EntityCountsEntry\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12<\n\tvariables\x18\x1f \x03(\x0b\x32).sluice.v1.RequestRedacted.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x12\x1c\n\x14max_tokens_defaulted\x18! \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x02\n\x0fPromptAssembled\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.sluice.v1.GenerationParams\x12$\n\x08reply_to\x18\x06 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\x10\n\x08template\x18\x07 \x01(\t\x12-\n\rtemplate_used\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateUse\x12\r\n\x05\x62\x61tch\x18\x46 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18G \x01(\t\"\x83\x03\n\x12\x43ompletionFinished\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\r\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12$\n\x08reply_to\x18\x08 \x01(\x0b\x32\x12.sluice.v1.ReplyTo\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_busy_ms\x18( \x01(\r\x12\x15\n\rqueue_wait_ms\x18< \x01(\r\x12\x16\n\x0einter_token_ms\x18= \x01(\x02\x12\x0e\n\x06\x65ngine\x18> \x01(\t\x12\x15\n\rmodel_version\x18? \x01(\t\"\xf7\x02\n\x0cUsageCharged\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x0f.sluice.v1.Cost\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12#\n\x04kind\x18( \x01(\x0e\x32\x15.sluice.v1.ChargeKind\x12\x0e\n\x06key_id\x18) \x01(\t\x12\x10\n\x08template\x18* \x01(\t\x12\x16\n\x0e\x66\x61llback_price\x18+ \x01(\x08\x12\x18\n\x10\x63orrects_version\x18, \x01(\t\x12\x30\n\x0c\x63ompleted_at\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65ngine_busy_ms\x18. \x01(\r\"8\n\nTokenChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"a\n\x0eStreamFinished\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.sluice.v1.Usage\".\n\rStreamCharged\x12\x1d\n\x04\x63ost\x18\x01 \x01(\x0b\x32\x0f.sluice.v1.Cost\"<\n\x0cStreamFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\"\xcc\x02\n\nReplyEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.sluice.v1.TokenChunkH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.sluice.v1.StreamFinishedH\x00\x12+\n\x07\x63harged\x18\x04 \x01(\x0b\x32\x18.sluice.v1.StreamChargedH\x00\x12)\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x17.sluice.v1.StreamFailedH\x00\x12/\n\npseudonyms\x18\x14 \x01(\x0b\x32\x19.sluice.v1.PseudonymVaultH\x00\x12/\n\trestarted\x18< \x01(\x0b\x32\x1a.sluice.v1.StreamRestartedH\x00\x42\x06\n\x04\x62ody\"\"\n\x0fStreamRestarted\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\"\xfb\x02\n\x11\x46\x65\x65\x64\x62\x61\x63kSubmitted\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12%\n\x05scale\x18\x46 \x01(\x0e\x32\x16.sluice.v1.RatingScale\x12\x0e\n\x06rating\x18G \x01(\x11\x12\x0e\n\x06labels\x18H \x03(\t\x12\x0f\n\x07\x63omment\x18I \x01(\t\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18J \x01(\t\x12T\n\x15\x63omment_entity_counts\x18K \x03(\x0b\x32\x35.sluice.v1.FeedbackSubmitted.CommentEntityCountsEntry\x12\x16\n\x0epolicy_version\x18L \x01(\t\x12\x0e\n\x06key_id\x18M \x01(\t\x1a:\n\x18\x43ommentEntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x05scoreR\x05label\"\xd0\x01\n\nDeadLetter\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12\x14\n\x0csource_topic\x18\x02 \x01(\t\x12\x18\n\x10source_partition\x18\x03 \x01(\x05\x12\x15\n\rsource_offset\x18\x04 \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\t\x12\x14\n\x0cpayload_size\x18\x08 \x01(\r\"\xe0\x03\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nevent_time\x18\x06 \x01(\t\x12\x14\n\x0csource_topic\x18\x07 \x01(\t\x12\x18\n\x10source_partition\x18\x08 \x01(\x05\x12\x15\n\rsource_offset\x18\t \x01(\x03\x12\x34\n\x07\x64\x65tails\x18\n \x03(\x0b\x32#.sluice.v1.AuditRecord.DetailsEntry\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\x12\x0c\n\x04user\x18\x32 \x01(\t\x12\x13\n\x0bingest_time\x18\x33 \x01(\t\x12\r\n\x05model\x18\x34 \x01(\t\x12\x17\n\x0f\x63ontent_subject\x18\x35 \x01(\t\x12\x16\n\x0e\x63ontent_key_id\x18\x36 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x37 \x01(\x0c\x12\x12\n\napi_key_id\x18\x38 \x01(\t\x12\x16\n\x0e\x63\x61ller_address\x18\x39 \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x02\n\x0b\x42udgetState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bspent_nanos\x18\x02 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18( \x01(\t\x12!\n\x06\x62udget\x18) \x01(\x0b\x32\x11.sluice.v1.Budget\x12\'\n\x06window\x18* \x01(\x0b\x32\x17.sluice.v1.BudgetWindow\x12\x0f\n\x07\x62locked\x18+ \x01(\x08\x12\x0e\n\x06reason\x18, \x01(\t\x12.\n\nupdated_at\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x0c\x43ontrolEvent\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.sluice.v1.CancelRequestH\x00\x42\x08\n\x06\x61\x63tion\"\x1f\n\rCancelRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_EXPIRED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,52 +43,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTREDACTED_ENTITYCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTREDACTED_VARIABLESENTRY']._loaded_options = None
   _globals['_REQUESTREDACTED_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_FEEDBACKSUBMITTED_COMMENTENTITYCOUNTSENTRY']._loaded_options = None
+  _globals['_FEEDBACKSUBMITTED_COMMENTENTITYCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_AUDITRECORD_DETAILSENTRY']._loaded_options = None
   _globals['_AUDITRECORD_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=4268
-  _globals['_FINISHREASON']._serialized_end=4444
-  _globals['_GENERATIONPARAMS']._serialized_start=173
-  _globals['_GENERATIONPARAMS']._serialized_end=261
-  _globals['_GENERATIONREQUESTED']._serialized_start=264
-  _globals['_GENERATIONREQUESTED']._serialized_end=781
-  _globals['_GENERATIONREQUESTED_VARIABLESENTRY']._serialized_start=733
-  _globals['_GENERATIONREQUESTED_VARIABLESENTRY']._serialized_end=781
-  _globals['_REQUESTREDACTED']._serialized_start=784
-  _globals['_REQUESTREDACTED']._serialized_end=1374
-  _globals['_REQUESTREDACTED_ENTITYCOUNTSENTRY']._serialized_start=1273
-  _globals['_REQUESTREDACTED_ENTITYCOUNTSENTRY']._serialized_end=1324
-  _globals['_REQUESTREDACTED_VARIABLESENTRY']._serialized_start=733
-  _globals['_REQUESTREDACTED_VARIABLESENTRY']._serialized_end=781
-  _globals['_PROMPTASSEMBLED']._serialized_start=1377
-  _globals['_PROMPTASSEMBLED']._serialized_end=1668
-  _globals['_COMPLETIONFINISHED']._serialized_start=1671
-  _globals['_COMPLETIONFINISHED']._serialized_end=2058
-  _globals['_USAGECHARGED']._serialized_start=2061
-  _globals['_USAGECHARGED']._serialized_end=2436
-  _globals['_TOKENCHUNK']._serialized_start=2438
-  _globals['_TOKENCHUNK']._serialized_end=2494
-  _globals['_STREAMFINISHED']._serialized_start=2496
-  _globals['_STREAMFINISHED']._serialized_end=2593
-  _globals['_STREAMCHARGED']._serialized_start=2595
-  _globals['_STREAMCHARGED']._serialized_end=2641
-  _globals['_STREAMFAILED']._serialized_start=2643
-  _globals['_STREAMFAILED']._serialized_end=2703
-  _globals['_REPLYEVENT']._serialized_start=2706
-  _globals['_REPLYEVENT']._serialized_end=3038
-  _globals['_STREAMRESTARTED']._serialized_start=3040
-  _globals['_STREAMRESTARTED']._serialized_end=3074
-  _globals['_FEEDBACKSUBMITTED']._serialized_start=3076
-  _globals['_FEEDBACKSUBMITTED']._serialized_end=3164
-  _globals['_DEADLETTER']._serialized_start=3167
-  _globals['_DEADLETTER']._serialized_end=3375
-  _globals['_AUDITRECORD']._serialized_start=3378
-  _globals['_AUDITRECORD']._serialized_end=3858
-  _globals['_AUDITRECORD_DETAILSENTRY']._serialized_start=3812
-  _globals['_AUDITRECORD_DETAILSENTRY']._serialized_end=3858
-  _globals['_BUDGETSTATE']._serialized_start=3861
-  _globals['_BUDGETSTATE']._serialized_end=4123
-  _globals['_CONTROLEVENT']._serialized_start=4125
-  _globals['_CONTROLEVENT']._serialized_end=4232
-  _globals['_CANCELREQUEST']._serialized_start=4234
-  _globals['_CANCELREQUEST']._serialized_end=4265
+  _globals['_FINISHREASON']._serialized_start=4586
+  _globals['_FINISHREASON']._serialized_end=4762
+  _globals['_GENERATIONPARAMS']._serialized_start=199
+  _globals['_GENERATIONPARAMS']._serialized_end=287
+  _globals['_GENERATIONREQUESTED']._serialized_start=290
+  _globals['_GENERATIONREQUESTED']._serialized_end=807
+  _globals['_GENERATIONREQUESTED_VARIABLESENTRY']._serialized_start=759
+  _globals['_GENERATIONREQUESTED_VARIABLESENTRY']._serialized_end=807
+  _globals['_REQUESTREDACTED']._serialized_start=810
+  _globals['_REQUESTREDACTED']._serialized_end=1400
+  _globals['_REQUESTREDACTED_ENTITYCOUNTSENTRY']._serialized_start=1299
+  _globals['_REQUESTREDACTED_ENTITYCOUNTSENTRY']._serialized_end=1350
+  _globals['_REQUESTREDACTED_VARIABLESENTRY']._serialized_start=759
+  _globals['_REQUESTREDACTED_VARIABLESENTRY']._serialized_end=807
+  _globals['_PROMPTASSEMBLED']._serialized_start=1403
+  _globals['_PROMPTASSEMBLED']._serialized_end=1694
+  _globals['_COMPLETIONFINISHED']._serialized_start=1697
+  _globals['_COMPLETIONFINISHED']._serialized_end=2084
+  _globals['_USAGECHARGED']._serialized_start=2087
+  _globals['_USAGECHARGED']._serialized_end=2462
+  _globals['_TOKENCHUNK']._serialized_start=2464
+  _globals['_TOKENCHUNK']._serialized_end=2520
+  _globals['_STREAMFINISHED']._serialized_start=2522
+  _globals['_STREAMFINISHED']._serialized_end=2619
+  _globals['_STREAMCHARGED']._serialized_start=2621
+  _globals['_STREAMCHARGED']._serialized_end=2667
+  _globals['_STREAMFAILED']._serialized_start=2669
+  _globals['_STREAMFAILED']._serialized_end=2729
+  _globals['_REPLYEVENT']._serialized_start=2732
+  _globals['_REPLYEVENT']._serialized_end=3064
+  _globals['_STREAMRESTARTED']._serialized_start=3066
+  _globals['_STREAMRESTARTED']._serialized_end=3100
+  _globals['_FEEDBACKSUBMITTED']._serialized_start=3103
+  _globals['_FEEDBACKSUBMITTED']._serialized_end=3482
+  _globals['_FEEDBACKSUBMITTED_COMMENTENTITYCOUNTSENTRY']._serialized_start=3398
+  _globals['_FEEDBACKSUBMITTED_COMMENTENTITYCOUNTSENTRY']._serialized_end=3456
+  _globals['_DEADLETTER']._serialized_start=3485
+  _globals['_DEADLETTER']._serialized_end=3693
+  _globals['_AUDITRECORD']._serialized_start=3696
+  _globals['_AUDITRECORD']._serialized_end=4176
+  _globals['_AUDITRECORD_DETAILSENTRY']._serialized_start=4130
+  _globals['_AUDITRECORD_DETAILSENTRY']._serialized_end=4176
+  _globals['_BUDGETSTATE']._serialized_start=4179
+  _globals['_BUDGETSTATE']._serialized_end=4441
+  _globals['_CONTROLEVENT']._serialized_start=4443
+  _globals['_CONTROLEVENT']._serialized_end=4550
+  _globals['_CANCELREQUEST']._serialized_start=4552
+  _globals['_CANCELREQUEST']._serialized_end=4583
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.v1 import billing_pb2 as _billing_pb2
 from sluice.v1 import envelope_pb2 as _envelope_pb2
+from sluice.v1 import feedback_pb2 as _feedback_pb2
 from sluice.v1 import privacy_pb2 as _privacy_pb2
 from sluice.v1 import templates_pb2 as _templates_pb2
 import builtins as _builtins
@@ -676,23 +677,69 @@ class FeedbackSubmitted(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CommentEntityCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENVELOPE_FIELD_NUMBER: _builtins.int
-    SCORE_FIELD_NUMBER: _builtins.int
-    LABEL_FIELD_NUMBER: _builtins.int
-    score: _builtins.int
-    label: _builtins.str
+    SCALE_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    FEEDBACK_ID_FIELD_NUMBER: _builtins.int
+    COMMENT_ENTITY_COUNTS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    scale: _feedback_pb2.RatingScale.ValueType
+    """Fields 70-79: gateway area."""
+    rating: _builtins.int
+    comment: _builtins.str
+    """The comment after the tenant's redaction policy; never the raw text."""
+    feedback_id: _builtins.str
+    """One id per submission: a request may be rated again (the newer rating counts)."""
+    policy_version: _builtins.str
+    key_id: _builtins.str
+    """Id of the API key it came with (see GenerationRequested.key_id)."""
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def comment_entity_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Entity type to number of findings in the comment, e.g. EMAIL_ADDRESS -> 1."""
+
     def __init__(
         self,
         *,
         envelope: _envelope_pb2.Envelope | None = ...,
-        score: _builtins.int = ...,
-        label: _builtins.str = ...,
+        scale: _feedback_pb2.RatingScale.ValueType = ...,
+        rating: _builtins.int = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        comment: _builtins.str = ...,
+        feedback_id: _builtins.str = ...,
+        comment_entity_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        policy_version: _builtins.str = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "label", b"label", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "comment_entity_counts", b"comment_entity_counts", "envelope", b"envelope", "feedback_id", b"feedback_id", "key_id", b"key_id", "labels", b"labels", "policy_version", b"policy_version", "rating", b"rating", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

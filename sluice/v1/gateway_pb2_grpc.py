@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from sluice.v1 import feedback_pb2 as sluice_dot_v1_dot_feedback__pb2
 from sluice.v1 import gateway_pb2 as sluice_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -45,6 +46,21 @@ class GatewayStub:
                 request_serializer=sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.FromString,
                 _registered_method=True)
+        self.GetFeedbackStats = channel.unary_unary(
+                '/sluice.v1.Gateway/GetFeedbackStats',
+                request_serializer=sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsResponse.FromString,
+                _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/sluice.v1.Gateway/SubmitBatch',
+                request_serializer=sluice_dot_v1_dot_gateway__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_gateway__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/sluice.v1.Gateway/GetBatch',
+                request_serializer=sluice_dot_v1_dot_gateway__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_gateway__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -60,6 +76,29 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitFeedback(self, request, context):
+        """SubmitFeedback rates an answer; only the tenant that made the request may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeedbackStats(self, request, context):
+        """GetFeedbackStats returns the positive-rating ratio per model, template
+        version and A/B variant, for the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitBatch(self, request, context):
+        """SubmitBatch queues many requests as low-priority async work; GetBatch
+        returns their results (any replica, after restarts; owner tenant only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +116,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.SubmitFeedback,
                     request_deserializer=sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'GetFeedbackStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeedbackStats,
+                    request_deserializer=sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=sluice_dot_v1_dot_gateway__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_gateway__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=sluice_dot_v1_dot_gateway__pb2.GetBatchRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_gateway__pb2.GetBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +188,87 @@ class Gateway:
             '/sluice.v1.Gateway/SubmitFeedback',
             sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
             sluice_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeedbackStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Gateway/GetFeedbackStats',
+            sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsRequest.SerializeToString,
+            sluice_dot_v1_dot_feedback__pb2.GetFeedbackStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Gateway/SubmitBatch',
+            sluice_dot_v1_dot_gateway__pb2.SubmitBatchRequest.SerializeToString,
+            sluice_dot_v1_dot_gateway__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Gateway/GetBatch',
+            sluice_dot_v1_dot_gateway__pb2.GetBatchRequest.SerializeToString,
+            sluice_dot_v1_dot_gateway__pb2.GetBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from sluice.v1 import feedback_pb2 as _feedback_pb2
 from sluice.v1 import gateway_pb2 as _gateway_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -38,6 +39,16 @@ class GatewayStub:
     finish reason, usage and cost.
     """
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitFeedbackRequest, _gateway_pb2.SubmitFeedbackResponse]
+    """SubmitFeedback rates an answer; only the tenant that made the request may."""
+    GetFeedbackStats: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.GetFeedbackStatsRequest, _feedback_pb2.GetFeedbackStatsResponse]
+    """GetFeedbackStats returns the positive-rating ratio per model, template
+    version and A/B variant, for the caller's tenant.
+    """
+    SubmitBatch: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitBatchRequest, _gateway_pb2.SubmitBatchResponse]
+    """SubmitBatch queues many requests as low-priority async work; GetBatch
+    returns their results (any replica, after restarts; owner tenant only).
+    """
+    GetBatch: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetBatchRequest, _gateway_pb2.GetBatchResponse]
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -49,6 +60,16 @@ class GatewayAsyncStub(GatewayStub):
     finish reason, usage and cost.
     """
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitFeedbackRequest, _gateway_pb2.SubmitFeedbackResponse]  # type: ignore[assignment]
+    """SubmitFeedback rates an answer; only the tenant that made the request may."""
+    GetFeedbackStats: _aio.UnaryUnaryMultiCallable[_feedback_pb2.GetFeedbackStatsRequest, _feedback_pb2.GetFeedbackStatsResponse]  # type: ignore[assignment]
+    """GetFeedbackStats returns the positive-rating ratio per model, template
+    version and A/B variant, for the caller's tenant.
+    """
+    SubmitBatch: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitBatchRequest, _gateway_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """SubmitBatch queues many requests as low-priority async work; GetBatch
+    returns their results (any replica, after restarts; owner tenant only).
+    """
+    GetBatch: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetBatchRequest, _gateway_pb2.GetBatchResponse]  # type: ignore[assignment]
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     """Gateway is the public entry point for applications."""
@@ -68,6 +89,34 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _gateway_pb2.SubmitFeedbackRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_gateway_pb2.SubmitFeedbackResponse, _abc.Awaitable[_gateway_pb2.SubmitFeedbackResponse]]: ...
+    ) -> _typing.Union[_gateway_pb2.SubmitFeedbackResponse, _abc.Awaitable[_gateway_pb2.SubmitFeedbackResponse]]:
+        """SubmitFeedback rates an answer; only the tenant that made the request may."""
+
+    @_abc_1.abstractmethod
+    def GetFeedbackStats(
+        self,
+        request: _feedback_pb2.GetFeedbackStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedback_pb2.GetFeedbackStatsResponse, _abc.Awaitable[_feedback_pb2.GetFeedbackStatsResponse]]:
+        """GetFeedbackStats returns the positive-rating ratio per model, template
+        version and A/B variant, for the caller's tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitBatch(
+        self,
+        request: _gateway_pb2.SubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.SubmitBatchResponse, _abc.Awaitable[_gateway_pb2.SubmitBatchResponse]]:
+        """SubmitBatch queues many requests as low-priority async work; GetBatch
+        returns their results (any replica, after restarts; owner tenant only).
+        """
+
+    @_abc_1.abstractmethod
+    def GetBatch(
+        self,
+        request: _gateway_pb2.GetBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetBatchResponse, _abc.Awaitable[_gateway_pb2.GetBatchResponse]]: ...
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
