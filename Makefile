@@ -90,6 +90,12 @@ bench-metering: $(STAMP) kafka-jars
 	$(PY) -m loadtest.bench_metering
 BENCHES += bench-metering
 
+# Feedback: ratings joined to prompts and completions and counted per second (faust, exactly-once), one core.
+.PHONY: bench-feedback
+bench-feedback: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_feedback
+BENCHES += bench-feedback
+
 # Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
 # above this line and appends it to BENCHES; `make bench` runs them all.
 BENCHES ?=

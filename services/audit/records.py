@@ -16,6 +16,7 @@ from sluice.v1 import (
     billing_pb2,
     compliance_pb2,
     events_pb2,
+    feedback_pb2,
     keys_pb2,
     privacy_pb2,
     templates_pb2,
@@ -83,7 +84,16 @@ def _dead_lettered(e: events_pb2.DeadLetter) -> dict[str, str]:
 
 
 def _feedback(e: events_pb2.FeedbackSubmitted) -> dict[str, str]:
-    return {"score": str(e.score)}  # the free-text label may hold personal data
+    """The rating and how much was said, never the comment (even redacted) or the labels."""
+    details = {
+        "feedback_id": e.feedback_id,
+        "scale": feedback_pb2.RatingScale.Name(e.scale).removeprefix("RATING_SCALE_").lower(),
+        "rating": str(e.rating),
+        "labels": str(len(e.labels)),
+        "has_comment": str(bool(e.comment)).lower(),
+    }
+    details.update({f"entities.{kind}": str(n) for kind, n in e.comment_entity_counts.items()})
+    return details
 
 
 def _control(e: events_pb2.ControlEvent) -> dict[str, str]:
