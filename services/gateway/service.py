@@ -78,7 +78,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         queue = self.replies.register(request_id)
         sent: list[gateway_pb2.GenerateResponse] = []
         try:
-            requested = self._requested(request, valid, tenant, request_id, key_id)
+            requested = self._requested(request, valid, tenant, request_id, key_id, context.peer())
             await send(runtime.producer, "gateway", requested)
             log.info("request published", model=valid.model, messages=len(request.messages))
             first = gateway_pb2.GenerateResponse(request_id=request_id, model=valid.model)
@@ -101,6 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tenant: str,
         request_id: str,
         key_id: str,
+        caller_address: str = "",
     ) -> Output:
         event = events_pb2.GenerationRequested(
             envelope=envelopes.new_envelope(request_id=request_id, tenant=tenant, producer="gateway"),
@@ -120,6 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context=request.context,
             max_tokens_defaulted=not request.HasField("max_tokens"),
             key_id=key_id,
+            caller_address=caller_address,
         )
         return Output(REQUESTS, event, request_id)
 
