@@ -203,15 +203,6 @@ def _finish_name(reason: events_pb2.FinishReason.ValueType) -> str | None:
     return events_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
-def cmd_keys_demo(settings: Settings, args: argparse.Namespace) -> int:
-    key = demo_key(settings)
-    if args.json:
-        print_json({"tenant": "demo", "api_key": key})
-    else:
-        print(key)
-    return 0
-
-
 @dataclass(frozen=True)
 class Commands:
     """Registers sub-commands; each area of the CLI adds its own through `register(commands)`."""
@@ -237,6 +228,8 @@ EXTENSIONS: tuple[str, ...] = (
     "sluice.cli_audit",
     "sluice.cli_redaction",
     "sluice.cli_metering",
+    "sluice.cli_keys",
+    "sluice.cli_feedback",
 )
 
 
@@ -268,12 +261,6 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--idempotency-key", default="")
     gen.add_argument("--api-key", default="", help="defaults to the local demo tenant's key")
     importlib.import_module("sluice.cli_prompts").add_generate_options(gen)
-    add(
-        "demo",
-        cmd_keys_demo,
-        "print the local demo tenant's API key",
-        into=commands.group("keys", "API keys"),
-    )
     for module in EXTENSIONS:
         importlib.import_module(module).register(commands)
     return parser

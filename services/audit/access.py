@@ -1,23 +1,23 @@
 """Who may read what: callers see only their own tenant's records.
 
 Callers authenticate like at the gateway (`authorization: Bearer <key>`,
-resolved by the gateway's KeyStore). A call without a key is an operator's
-(every tenant) unless SLUICE_AUDIT_REQUIRE_AUTH is set. There is no `auditor`
-role yet: key roles belong to the API-keys work.
+resolved from sluice.keys.v1 by the gateway's KeyStore). A key with role
+`auditor` or `admin` reads every tenant; a `user` key only its own. A call
+without a key is an operator's (every tenant) unless SLUICE_AUDIT_REQUIRE_AUTH is set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.gateway.auth import KeyStore
+from sluice.config import Settings
 from sluice.service import Context
 
 
 @dataclass(frozen=True)
 class Caller:
-    """`tenant` None: an operator on the local port, allowed every tenant."""
+    """`tenant` None: an operator on the local port or an auditor's key, allowed every tenant."""
 
     tenant: str | None
 
@@ -33,12 +33,13 @@ class Denied(Exception):
         self.caller, self.requested = caller, requested
 
 
-async def identify(context: Context, state_dir: Path, require_auth: bool) -> Caller:
+async def identify(context: Context, settings: Settings, require_auth: bool) -> Caller:
     metadata = dict(context.invocation_metadata() or ())
     authorization = metadata.get("authorization")
     if authorization is None and not require_auth:
         return Caller(None)
-    return Caller(await KeyStore.load(state_dir).authenticate(context))
+    principal = await KeyStore.shared(settings).principal(context)
+    return Caller(None if principal.reads_every_tenant else principal.tenant)
 
 
 def scoped_tenant(caller: Caller, requested: str) -> str:

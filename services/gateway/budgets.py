@@ -7,12 +7,13 @@ so the check on the request path is a dictionary lookup, not a call.
 
 Requests per minute are also counted here as they are admitted, because a
 request is only charged once it finishes: the stream alone would let a burst through.
+A key's own rate limit (requests and tokens per minute, on its sluice.keys.v1
+record) is counted the same way, per gateway replica.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer
 from google.protobuf.message import DecodeError
 
+from services.gateway.auth import Principal
 from services.metering.reader import topic_partitions
 from sluice.kafka import with_backoff
 from sluice.logs import get_logger
@@ -32,12 +34,6 @@ from streams.budget_rules import describe, limit_text
 from streams.periods import stamp, window_end, window_start
 
 log = get_logger()
-
-
-def key_id(authorization: str | None) -> str:
-    """First 12 hex digits of the SHA-256 of the API key: names a key without revealing it."""
-    _, _, key = (authorization or "").partition(" ")
-    return hashlib.sha256(key.strip().encode()).hexdigest()[:12] if key.strip() else ""
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,8 @@ class BudgetGuard:
     _states: dict[str, dict[str, events_pb2.BudgetState]] = field(default_factory=lambda: defaultdict(dict))
     # (tenant, key_id or "") -> (minute start, requests admitted in it)
     _admitted: dict[tuple[str, str], tuple[datetime, int]] = field(default_factory=dict)
+    # key_id -> (minute start, tokens its finished requests used in it)
+    _tokens: dict[str, tuple[datetime, int]] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -129,16 +127,39 @@ class BudgetGuard:
         start, count = self._admitted.get((tenant, key), (None, 0))
         return count if start == window_start("minute", now) else 0
 
-    async def enforce(self, context: Context, tenant: str) -> str:
-        """Admit the request or abort it with RESOURCE_EXHAUSTED; returns the caller's key id."""
-        metadata = dict(context.invocation_metadata() or ())
-        key = key_id(metadata.get("authorization"))
+    def check_key(self, caller: Principal, now: datetime) -> Rejection | None:
+        """The key's own per-minute limits, from its record on sluice.keys.v1."""
+        reset = window_end("minute", window_start("minute", now))
+        made = self._admitted_now(caller.tenant, caller.key_id, now)
+        if caller.requests_per_minute and made >= caller.requests_per_minute:
+            return Rejection(
+                f"rate limit: key {caller.key_id} allows {caller.requests_per_minute} requests per minute; "
+                f"resets at {stamp(reset)}",
+                reset,
+            )
+        start, used = self._tokens.get(caller.key_id, (None, 0))
+        this_minute = start == window_start("minute", now)
+        if caller.tokens_per_minute and this_minute and used >= caller.tokens_per_minute:
+            return Rejection(
+                f"rate limit: key {caller.key_id} allows {caller.tokens_per_minute} tokens per minute "
+                f"({used} used); resets at {stamp(reset)}",
+                reset,
+            )
+        return None
+
+    def record_tokens(self, key: str, tokens: int, now: datetime) -> None:
+        """Count a finished request's tokens against its key's minute."""
+        minute = window_start("minute", now)
+        start, used = self._tokens.get(key, (minute, 0))
+        self._tokens[key] = (minute, used + tokens if start == minute else tokens)
+
+    async def enforce(self, context: Context, caller: Principal) -> None:
+        """Admit the request or abort it with RESOURCE_EXHAUSTED and a retry-after."""
         now = datetime.now(UTC)
-        rejection = self.check(tenant, key, now)
+        rejection = self.check(caller.tenant, caller.key_id, now) or self.check_key(caller, now)
         if rejection is not None:
             retry_after = max(1, math.ceil((rejection.reset_at - now).total_seconds()))
             context.set_trailing_metadata((("retry-after", str(retry_after)),))
-            log.info("request over budget rejected", tenant=tenant, key_id=key, retry_after_s=retry_after)
+            log.info("request over budget rejected", key_id=caller.key_id, retry_after_s=retry_after)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, rejection.message)
-        self.admit(tenant, key, now)
-        return key
+        self.admit(caller.tenant, caller.key_id, now)

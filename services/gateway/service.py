@@ -7,12 +7,17 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.gateway.auth import KeyStore, ensure_demo_key
+from services.gateway.auth import KeyStore, Principal, seed_local_keys
+from services.gateway.batches import Batches
 from services.gateway.budgets import BudgetGuard
+from services.gateway.feedback import Feedback
+from services.gateway.ingress import send_signed
 from services.gateway.pseudonyms import Restoration
 from services.gateway.replies import ReplyRouter
 from services.gateway.validation import Invalid, ValidRequest, validate
@@ -22,8 +27,8 @@ from sluice.config import Settings
 from sluice.kafka import Output, send
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import FEEDBACK, REQUESTS, TOKENS
-from sluice.v1 import envelope_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
+from sluice.topics import CONTROL, REQUESTS, TOKENS
+from sluice.v1 import envelope_pb2, events_pb2, feedback_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = get_logger()
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1d3c1e-9a8b-4c57-9a57-5c1ce0000001")
@@ -38,6 +43,30 @@ def _request_id(tenant: str, idempotency_key: str) -> str:
 
 
 @dataclass
+class Call:
+    """One Generate call's progress, so its unwinding knows whether to cancel downstream."""
+
+    request_id: str
+    tenant: str
+    attempt: int
+    deadline: Timestamp | None
+    published: bool = False
+    ended: bool = False  # the pipeline finished or refused it: nothing left to cancel
+    tokens: int = 0
+    reason: str = ""
+
+
+def _deadline(context: Context) -> Timestamp | None:
+    """The client's deadline as a timestamp every stage can compare with its clock."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 10 * 365 * 86400:  # grpc reports "none" as a huge value
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(datetime.now(UTC) + timedelta(seconds=remaining))
+    return stamp
+
+
+@dataclass
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     settings: Settings
     keys: KeyStore
@@ -45,8 +74,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     runtime: Runtime | None = None
     keyring: Keyring | None = None  # opens sealed pseudonyms for the caller
     budgets: BudgetGuard | None = None  # hard budgets and rate limits (metering area)
+    feedback: Feedback | None = None  # SubmitFeedback and its stats (services/gateway/feedback.py)
+    batches: Batches | None = None  # SubmitBatch and GetBatch (services/gateway/batches.py)
     # Finished idempotent requests, replayed instead of re-run.
     _replays: OrderedDict[str, list[gateway_pb2.GenerateResponse]] = field(default_factory=OrderedDict)
+    # Idempotent requests whose last attempt was cancelled -> the attempt a retry runs as.
+    _attempts: dict[str, int] = field(default_factory=dict)
+    _streams: int = 0  # Generate calls in flight on this replica
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def _runtime(self, context: Context) -> Runtime:
         if self.runtime is None or not self.replies.ready.is_set():
@@ -57,12 +92,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        tenant = await self.keys.authenticate(context)
+        caller = await self.keys.principal(context)
+        if caller.role == "auditor":
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "authorization: an auditor key may not call Generate"
+            )
+        size, limit = request.ByteSize(), self.settings.gateway_max_request_bytes
+        if size > limit:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request: {size} bytes is over the limit of {limit} bytes"
+            )
         try:
             valid = validate(request, self.settings.catalog)
         except Invalid as exc:
             await context.abort(exc.code, exc.message)
+        if not caller.may_use(valid.model):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"model: this API key may not use model {valid.model!r}"
+            )
         runtime = await self._runtime(context)
+        tenant = caller.tenant
         request_id = _request_id(tenant, request.idempotency_key)
         structlog.contextvars.bind_contextvars(request_id=request_id, tenant=tenant)
         if request_id in self._replays:
@@ -74,37 +123,73 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 "idempotency_key: a request with this key is still in progress",
             )
-        key_id = await self.budgets.enforce(context, tenant) if self.budgets else ""
+        if self._streams >= self.settings.gateway_max_streams:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"gateway overloaded: {self._streams} streams in flight on this replica; retry shortly",
+            )
+        if self.budgets:
+            await self.budgets.enforce(context, caller)
         queue = self.replies.register(request_id)
+        self._streams += 1
+        call = Call(request_id, tenant, self._attempts.pop(request_id, 1), _deadline(context))
         sent: list[gateway_pb2.GenerateResponse] = []
         try:
-            requested = self._requested(request, valid, tenant, request_id, key_id, context.peer())
-            await send(runtime.producer, "gateway", requested)
+            requested = self._requested(request, valid, call, caller.key_id, context.peer())
+            # Signed for the caller's key, as every record on sluice.requests.v1 must be (ingress.py).
+            await send_signed(runtime.producer, "gateway", requested, self.keys.records[caller.key_id])
+            call.published = True
             log.info("request published", model=valid.model, messages=len(request.messages))
             first = gateway_pb2.GenerateResponse(request_id=request_id, model=valid.model)
             sent.append(first)
             yield first
             restore = Restoration(self.keyring, tenant, request_id)
-            async for response in self._stream(queue, request_id, context, restore):
+            async for response in self._stream(queue, call, context, restore):
                 sent.append(response)
                 yield response
         finally:
+            self._streams -= 1
             self.replies.unregister(request_id)
             structlog.contextvars.unbind_contextvars("request_id", "tenant")
+            if call.published and not call.ended:
+                self._cancel(runtime, call)
+        if self.budgets and call.tokens:
+            self.budgets.record_tokens(caller.key_id, call.tokens, datetime.now(UTC))
         if request.idempotency_key:
             self._remember(request_id, sent)
+
+    def _cancel(self, runtime: Runtime, call: Call) -> None:
+        """Tell every stage the caller went away (sluice.control.v1), without blocking the unwind."""
+        expired = call.deadline is not None and datetime.now(UTC) >= call.deadline.ToDatetime(tzinfo=UTC)
+        reason = call.reason or ("client deadline passed" if expired else "client cancelled or disconnected")
+        envelope = envelopes.new_envelope(
+            request_id=call.request_id, tenant=call.tenant, producer="gateway", attempt=call.attempt
+        )
+        event = events_pb2.ControlEvent(envelope=envelope, cancel=events_pb2.CancelRequest(reason=reason))
+        # A retry with the same idempotency key re-runs as the next attempt: the cancelled
+        # attempt's events would be dropped downstream as duplicates.
+        self._attempts[call.request_id] = call.attempt + 1
+        cancel = Output(CONTROL, event, call.request_id)
+        task = asyncio.get_running_loop().create_task(send(runtime.producer, "gateway", cancel))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        log.info("request cancelled", reason=reason)
 
     def _requested(
         self,
         request: gateway_pb2.GenerateRequest,
         valid: ValidRequest,
-        tenant: str,
-        request_id: str,
+        call: Call,
         key_id: str,
         caller_address: str = "",
     ) -> Output:
+        envelope = envelopes.new_envelope(
+            request_id=call.request_id, tenant=call.tenant, producer="gateway", attempt=call.attempt
+        )
+        if call.deadline is not None:
+            envelope.deadline.CopyFrom(call.deadline)
         event = events_pb2.GenerationRequested(
-            envelope=envelopes.new_envelope(request_id=request_id, tenant=tenant, producer="gateway"),
+            envelope=envelope,
             model=valid.model,
             messages=request.messages,
             params=events_pb2.GenerationParams(
@@ -123,15 +208,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             key_id=key_id,
             caller_address=caller_address,
         )
-        return Output(REQUESTS, event, request_id)
+        return Output(REQUESTS, event, call.request_id)
 
     async def _stream(
         self,
         queue: asyncio.Queue[events_pb2.ReplyEvent],
-        request_id: str,
+        call: Call,
         context: Context,
         restore: Restoration,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        request_id = call.request_id
         finished: events_pb2.StreamFinished | None = None
         cost: envelope_pb2.Cost | None = None
         next_seq = 0
@@ -143,7 +229,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if finished is not None:
                     log.warning("no charge arrived in time; ending stream without cost")
                     break
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply from the pipeline in time")
+                call.reason = "no reply from the pipeline in time"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, call.reason)
             kind = event.WhichOneof("body")
             if kind == "chunk":
                 # A re-run attempt restarts at seq 0: never show the caller a chunk twice.
@@ -156,9 +243,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 restore.open(event.pseudonyms)
             elif kind == "finished":
                 finished = event.finished
+                call.ended, call.tokens = True, finished.usage.total_tokens
             elif kind == "charged":
                 cost = event.charged.cost  # may overtake `finished`: both come from different services
             elif kind == "failed":
+                call.ended = True
                 code = getattr(grpc.StatusCode, event.failed.code, grpc.StatusCode.INTERNAL)
                 log.warning("request failed downstream", stage=event.failed.stage, code=event.failed.code)
                 await context.abort(code, event.failed.message)
@@ -179,30 +268,47 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def SubmitFeedback(
         self, request: gateway_pb2.SubmitFeedbackRequest, context: Context
     ) -> gateway_pb2.SubmitFeedbackResponse:
-        tenant = await self.keys.authenticate(context)
-        if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        if request.score not in (-1, 0, 1):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "score: must be -1, 0 or 1")
+        caller = await self.keys.principal(context)
+        assert self.feedback is not None
         runtime = await self._runtime(context)
-        event = events_pb2.FeedbackSubmitted(
-            envelope=envelopes.new_envelope(request_id=request.request_id, tenant=tenant, producer="gateway"),
-            score=request.score,
-            label=request.label,
-        )
-        await send(runtime.producer, "gateway", Output(FEEDBACK, event, request.request_id))
-        return gateway_pb2.SubmitFeedbackResponse(accepted=True)
+        return await self.feedback.submit(request, context, caller.tenant, caller.key_id, runtime)
+
+    async def SubmitBatch(
+        self, request: gateway_pb2.SubmitBatchRequest, context: Context
+    ) -> gateway_pb2.SubmitBatchResponse:
+        assert self.batches is not None
+        return await self.batches.submit(self, request, context)
+
+    async def GetBatch(
+        self, request: gateway_pb2.GetBatchRequest, context: Context
+    ) -> gateway_pb2.GetBatchResponse:
+        assert self.batches is not None
+        return await self.batches.get(self, request, context)
+
+    def request_output(
+        self, request: gateway_pb2.GenerateRequest, valid: ValidRequest, request_id: str, caller: Principal
+    ) -> Output:
+        """The GenerationRequested for a batch item (batches.py marks it and sets its reply topic)."""
+        return self._requested(request, valid, Call(request_id, caller.tenant, 1, None), caller.key_id)
+
+    async def GetFeedbackStats(
+        self, request: feedback_pb2.GetFeedbackStatsRequest, context: Context
+    ) -> feedback_pb2.GetFeedbackStatsResponse:
+        caller = await self.keys.principal(context)
+        assert self.feedback is not None
+        return await self.feedback.stats(request, context, caller.tenant, caller.reads_every_tenant)
 
 
 class GatewayService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.name = "gateway"
-        ensure_demo_key(settings.state_dir)
         self.replies = ReplyRouter(settings.bootstrap, settings.gateway_reply_partition)
-        self.servicer = GatewayServicer(settings, KeyStore.load(settings.state_dir), self.replies)
+        self.servicer = GatewayServicer(settings, KeyStore(settings.bootstrap), self.replies)
         self.servicer.keyring = keyring_from_settings(settings)
         self.servicer.budgets = BudgetGuard(settings.bootstrap)
+        self.servicer.feedback = Feedback(settings)
+        self.servicer.batches = Batches(settings)
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
@@ -215,12 +321,20 @@ class GatewayService(Service):
 
     async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
         self.servicer.runtime = runtime
+        keys = asyncio.create_task(self.servicer.keys.run(), name="keys")
+        if self.settings.gateway_seed_demo_key:
+            await seed_local_keys(self.servicer.keys, self.settings.state_dir)
         task = asyncio.create_task(self.replies.run(), name="replies")
         assert self.servicer.budgets is not None
         budgets = asyncio.create_task(self.servicer.budgets.run(), name="budgets")
         await self.replies.ready.wait()
         await self.servicer.budgets.ready.wait()
-        return [task, budgets]
+        await self.servicer.keys.ready.wait()
+        assert self.servicer.feedback is not None
+        feedback = [asyncio.create_task(c, name="feedback") for c in self.servicer.feedback.background()]
+        assert self.servicer.batches is not None
+        batches = self.servicer.batches.tasks(runtime.producer)
+        return [keys, task, budgets, *feedback, *batches]
 
 
 def build(settings: Settings) -> Service:

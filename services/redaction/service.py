@@ -70,7 +70,7 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
     async def Redact(
         self, request: redaction_pb2.RedactRequest, context: Context
     ) -> redaction_pb2.RedactResponse:
-        tenant = await KeyStore.load(self.settings.state_dir).authenticate(context)
+        tenant = await KeyStore.shared(self.settings).authenticate(context)
         try:
             self.boundary.check([request.text], "text")
             applied, policy = await self.boundary.redact(tenant, [request.text], request.language)
@@ -89,7 +89,7 @@ class RedactorServicer(redaction_pb2_grpc.RedactorServicer):
     async def RedactStream(
         self, request_iterator: AsyncIterator[redaction_pb2.RedactStreamRequest], context: Context
     ) -> AsyncIterator[redaction_pb2.RedactStreamResponse]:
-        tenant = await KeyStore.load(self.settings.state_dir).authenticate(context)
+        tenant = await KeyStore.shared(self.settings).authenticate(context)
         try:
             stream = output_redactor(self.boundary, tenant, self.settings.output_redaction_holdback_chars)
             async for request in request_iterator:
