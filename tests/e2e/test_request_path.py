@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.gateway.auth import demo_key_file
+from services.gateway.ingress import key_ref_header
+from services.gateway.keys import key_id_of
 from sluice import topics
 from sluice.stack import Stack
 from sluice.topics import load_plan
@@ -256,11 +258,14 @@ def test_kafka_producers_can_send_json_and_malformed_records_are_dead_lettered(
         try:
             json_header = [("content-type", b"application/json")]
             await producer.send_and_wait(topics.REQUESTS, b"\x00\xffnot protobuf", key=b"junk")
+            # Kafka producers authenticate too (docs/ingress.md): here by the key's hash reference.
+            auth = key_ref_header(key_id_of(key), key)
             await producer.send_and_wait(
-                topics.REQUESTS, json.dumps(missing_messages).encode(), key=b"m", headers=json_header
+                topics.REQUESTS, json.dumps(missing_messages).encode(), key=b"m", headers=[*json_header, auth]
             )
+            value = json.dumps(external).encode()
             await producer.send_and_wait(
-                topics.REQUESTS, json.dumps(external).encode(), key=request_id.encode(), headers=json_header
+                topics.REQUESTS, value, key=request_id.encode(), headers=[*json_header, auth]
             )
         finally:
             await producer.stop()
