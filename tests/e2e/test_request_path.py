@@ -25,6 +25,7 @@ from sluice.v1 import (
     audit_pb2_grpc,
     envelope_pb2,
     events_pb2,
+    feedback_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
 )
@@ -217,15 +218,22 @@ def test_idempotency_key_returns_the_same_request(channel: grpc.Channel, key: st
     assert "".join(r.delta for r in first) == "".join(r.delta for r in again)
 
 
-def test_feedback_is_accepted_and_validated(channel: grpc.Channel, key: str) -> None:
+def test_feedback_is_validated_and_needs_a_known_request(channel: grpc.Channel, key: str) -> None:
+    """The rest of feedback (ownership, redaction, stats) is in tests/feedback/."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
     meta = (("authorization", f"Bearer {key}"),)
-    ok = stub.SubmitFeedback(gateway_pb2.SubmitFeedbackRequest(request_id="r-1", score=1), metadata=meta)
-    assert ok.accepted
+    thumbs = feedback_pb2.RATING_SCALE_THUMBS
     with pytest.raises(grpc.RpcError) as caught:
-        stub.SubmitFeedback(gateway_pb2.SubmitFeedbackRequest(request_id="r-1", score=7), metadata=meta)
+        stub.SubmitFeedback(
+            gateway_pb2.SubmitFeedbackRequest(request_id="r-1", scale=thumbs, rating=7), metadata=meta
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details().startswith("score")
+    assert caught.value.details().startswith("rating: ")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.SubmitFeedback(
+            gateway_pb2.SubmitFeedbackRequest(request_id="r-1", scale=thumbs, rating=1), metadata=meta
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_reflection_lists_the_gateway(channel: grpc.Channel) -> None:
