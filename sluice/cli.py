@@ -228,6 +228,7 @@ EXTENSIONS: tuple[str, ...] = (
     "sluice.cli_audit",
     "sluice.cli_redaction",
     "sluice.cli_metering",
+    "sluice.cli_feedback",
     "sluice.cli_keys",
     "sluice.cli_feedback",
 )
