@@ -122,7 +122,9 @@ def test_cli_creates_lists_and_revokes_and_every_service_follows(stack: Stack, c
         print(f"revocation effective on the gateway after {time.monotonic() - started:.2f}s")
 
         def redaction_refuses() -> bool:
-            error = rejected(lambda: redactor.Redact(redaction_pb2.RedactRequest(text="hi"), metadata=metadata))
+            error = rejected(
+                lambda: redactor.Redact(redaction_pb2.RedactRequest(text="hi"), metadata=metadata)
+            )
             return error.code() == grpc.StatusCode.UNAUTHENTICATED
 
         eventually("redaction to refuse the revoked key", redaction_refuses)

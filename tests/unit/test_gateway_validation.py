@@ -1,7 +1,8 @@
 import grpc
 import pytest
 
-from services.gateway.auth import KeyStore, ensure_demo_key
+from services.gateway import keys
+from services.gateway.auth import KeyStore
 from services.gateway.validation import Invalid, validate
 from sluice.config import load_settings
 from sluice.v1 import envelope_pb2, gateway_pb2
@@ -52,13 +53,18 @@ def test_bad_requests_name_the_field(fields: dict[str, object], code: grpc.Statu
     assert caught.value.message.startswith(field + ":")
 
 
-def test_demo_key_is_seeded_once_and_authenticates(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    key = ensure_demo_key(tmp_path)
-    assert ensure_demo_key(tmp_path) == key
-    store = KeyStore.load(tmp_path)
-    assert store.tenant_for(f"Bearer {key}") == "demo"
-    assert store.tenant_for(f"bearer {key}") == "demo"
-    assert store.tenant_for("Bearer wrong") is None
-    assert store.tenant_for(key) is None
-    assert store.tenant_for(None) is None
-    assert key not in (tmp_path / "tenants.json").read_text()
+def test_key_lookup_accepts_only_a_known_active_bearer_key() -> None:
+    key_id, key = keys.new_key()
+    store = KeyStore("unused:9092")  # filled by hand: the topic reader is tested in tests/gateway
+    record = keys.key_record(key_id=key_id, inner_digest=keys.digest(key), tenant="demo", models=["m"])
+    store.apply(record.SerializeToString())
+    caller = store.lookup(f"Bearer {key}")
+    assert caller is not None and caller.tenant == "demo" and caller.key_id == key_id
+    assert caller.may_use("m") and not caller.may_use("other")
+    assert store.lookup(f"bearer {key}") is not None
+    for bad in ("Bearer wrong", key, None, f"Basic {key}", f"Bearer {key}x"):
+        assert store.lookup(bad) is None
+    record.revoked_at.CopyFrom(keys.now_stamp())
+    store.apply(record.SerializeToString())
+    assert store.lookup(f"Bearer {key}") is None
+    store.apply(b"not a protobuf \xff")  # dropped, never raised
