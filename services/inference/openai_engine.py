@@ -105,6 +105,9 @@ class _RemoteGeneration(Generation):
                     event = self._parse(sse.data)
                     if event is not None:
                         yield event
+                if self._finish is None and not self._interrupted:
+                    # llama.cpp's server answers 200 and then ends the stream when the request fails.
+                    raise ServerError(f"stream from {self._engine.base_url} ended without a finish reason")
         except (httpx.HTTPError, SSEError) as exc:
             if self._interrupted:
                 return  # we closed the stream ourselves (abort)
@@ -113,7 +116,7 @@ class _RemoteGeneration(Generation):
     def _parse(self, data: str) -> TokenEvent | None:
         chunk = json.loads(data)
         if "error" in chunk:
-            raise ServerError(f"server error event: {chunk['error']}")
+            raise ServerError(f"server error event: {_error_kind(chunk['error'])}")
         if chunk.get("usage"):
             self._usage = chunk["usage"]
         text = ""
@@ -160,15 +163,24 @@ class _RemoteGeneration(Generation):
 
 
 async def _raise_for_status(response: httpx.Response) -> None:
-    """A refused request: 4xx is the request's fault (ValueError), anything else the server's."""
-    body = (await response.aread()).decode("utf-8", errors="replace")[:500]
-    detail = f"{response.status_code} from {response.request.url.path}: {body}"
+    """A refused request: 4xx is the request's fault (ValueError), anything else the server's.
+
+    The body is never quoted: validation errors echo the request, prompt included.
+    """
+    body = (await response.aread()).decode("utf-8", errors="replace").lower()
+    detail = f"HTTP {response.status_code} from {response.request.url.path}"
     if 400 <= response.status_code < 500:
-        lowered = body.lower()
-        if "context" in lowered or "too long" in lowered or "exceed" in lowered:
-            raise PromptTooLong(f"server refused the prompt: {detail}")
+        if "context" in body or "too long" in body or "exceed" in body:
+            raise PromptTooLong(f"server refused the prompt as too long for the context: {detail}")
         raise ValueError(f"server refused the request: {detail}")
     raise ServerError(detail)
+
+
+def _error_kind(error: object) -> str:
+    """Type and code of an error event (its message may quote the prompt)."""
+    if isinstance(error, dict):
+        return f"type={error.get('type')!s} code={error.get('code')!s}"
+    return type(error).__name__
 
 
 class OpenAIEngine:
@@ -183,8 +195,11 @@ class OpenAIEngine:
         context_tokens: int,
         tokenizer_gguf: Path,
         api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport` replaces the network (tests replaying a recorded stream); None in service."""
         self._settings = settings
+        self._transport = transport
         self.base_url = settings.base_url
         self.remote_model = settings.model or model_name
         self.context_tokens = context_tokens
@@ -211,6 +226,7 @@ class OpenAIEngine:
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
+            transport=self._transport,
             timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=None),
             limits=httpx.Limits(
                 max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency

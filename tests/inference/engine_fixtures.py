@@ -43,7 +43,9 @@ def trtllm_checkpoint(directory: Path, max_position_embeddings: int = 4096) -> P
 
 
 @contextlib.contextmanager
-def llama_cpp_server(model_path: Path, n_ctx: int, log_path: Path) -> Iterator[str]:
+def llama_cpp_server(
+    model_path: Path, n_ctx: int, log_path: Path, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
     """`python -m llama_cpp.server` on a free port serving `model_path`; yields its base URL.
 
     interrupt_requests is off: by default that server aborts a running stream
@@ -58,6 +60,7 @@ def llama_cpp_server(model_path: Path, n_ctx: int, log_path: Path) -> Iterator[s
                 "--host", "127.0.0.1", "--port", str(port),
                 "--n_ctx", str(n_ctx), "--n_threads", "1",
                 "--interrupt_requests", "False",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -69,7 +72,8 @@ def llama_cpp_server(model_path: Path, n_ctx: int, log_path: Path) -> Iterator[s
             if proc.poll() is not None:
                 raise RuntimeError(f"llama_cpp.server exited: {log_path.read_text(errors='replace')[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
+                # Any answer means the model is loaded (401 when started with --api_key).
+                if httpx.get(f"{base_url}/v1/models", timeout=2).status_code < 500:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("llama_cpp.server did not come up within 180 s")
