@@ -88,6 +88,7 @@ class _TrtGeneration(Generation):
         if self._abort_requested:
             self._output.abort()
         matcher = StopMatcher(self._sampling.stop)
+        emitted = 0
         async for output in self._output:
             completion = output.outputs[0]
             ids: list[int] = list(completion.token_ids_diff)
@@ -103,8 +104,11 @@ class _TrtGeneration(Generation):
                 self._finish = "stop"
                 if not output.finished:
                     output.abort()
-            elif completion.finish_reason in ("stop", "length"):
-                text += matcher.flush()
+            elif completion.finish_reason is not None:
+                # The engine's final text is authoritative: it already cut a stop string off,
+                # so text we held back as a possible stop start is dropped or released here.
+                text = completion.text[emitted:]
+            emitted += len(text)
             if text or ids:
                 yield TokenEvent(text, ids[-1] if len(ids) == 1 else None, len(ids))
             if matched is not None:
