@@ -105,26 +105,39 @@ def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
 
 @dataclass
 class ReplyTopics:
-    """Which topics exist, refreshed from the cluster at most every `refresh_s` on a miss."""
+    """Which reply topics exist and have a leader for every partition (a topic made a moment
+    ago may not yet: writing there would fail the metering transaction that also holds the
+    charge). A miss is looked up again at most every `refresh_s`."""
 
     bootstrap: str
     refresh_s: float = 2.0
-    _known: set[str] = field(default_factory=set)
-    _checked: float = 0.0
+    _ready: set[str] = field(default_factory=set)
+    _checked: dict[str, float] = field(default_factory=dict)
 
     async def exists(self, topic: str) -> bool:
-        if topic not in self._known and time.monotonic() - self._checked >= self.refresh_s:
-            self._known = await with_backoff("topic list", "redaction", self._list)
-            self._checked = time.monotonic()
-        return topic in self._known
+        if topic not in self._ready and time.monotonic() - self._checked.get(topic, 0.0) >= self.refresh_s:
+            if await with_backoff("topic metadata", "redaction", lambda: self._led(topic)):
+                self._ready.add(topic)
+            self._checked[topic] = time.monotonic()
+        return topic in self._ready
 
-    async def _list(self) -> set[str]:
+    async def _led(self, topic: str) -> bool:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-ingress")
         await admin.start()
         try:
-            return set(await admin.list_topics())
+            # Listing first: a metadata request naming a missing topic may auto-create it.
+            if topic not in await admin.list_topics():
+                return False
+            described = await admin.describe_topics([topic])
         finally:
             await admin.close()
+        return any(
+            t["topic"] == topic
+            and t["error_code"] == 0
+            and t["partitions"]
+            and all(p["error_code"] == 0 and p["leader"] >= 0 for p in t["partitions"])
+            for t in described
+        )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from services.gateway import keys as key_material
 from services.gateway.ingress import (
     REPLY_MODE,
     REPLY_TO,
+    ReplyTopics,
     key_ref_header,
     signature_header,
 )
@@ -49,7 +50,17 @@ def reply_topics(pipeline: Stack) -> Iterator[None]:
         finally:
             await admin.close()
 
+    async def led() -> None:
+        """Until every partition has a leader, as the ingress requires of a reply topic."""
+        topics_ = ReplyTopics(pipeline.settings.bootstrap, refresh_s=0)
+        for topic in (REPLY_TOPIC, OTHER_TENANT_TOPIC):
+            deadline = time.monotonic() + 60
+            while not await topics_.exists(topic):
+                assert time.monotonic() < deadline, f"{topic} has no leader"
+                await asyncio.sleep(0.2)
+
     run(create())
+    run(led())
     yield
 
 
