@@ -138,7 +138,7 @@ class FeedbackStream:
             autodiscover=False,
             topic_replication_factor=1,
             topic_partitions=INTERNAL_PARTITIONS,
-            broker_commit_interval=0.2,
+            broker_commit_interval=1.0,  # stats may lag a second; fewer transactions
             consumer_auto_offset_reset="earliest",
         )
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}

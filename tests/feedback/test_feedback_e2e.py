@@ -24,6 +24,7 @@ from services.gateway import keys
 from services.gateway.auth import demo_key_file
 from sluice import envelope as envelopes
 from sluice import topics
+from sluice.identity import pseudonymous_user
 from sluice.stack import Stack
 from sluice.topics import load_plan
 from sluice.v1 import (
@@ -239,10 +240,14 @@ def test_a_request_that_has_not_finished_is_refused_failed_precondition(
 
 
 def _arm_users(prompts: prompts_pb2_grpc.PromptsStub, ref: templates_pb2.TemplateRef) -> dict[str, str]:
-    """One end-user per experiment arm (the arm is sticky per user)."""
+    """One end-user per experiment arm (the arm is sticky per user).
+
+    The pipeline assigns arms by the pseudonym redaction gives the user; an id
+    already in pseudonym form passes unchanged, so Render predicts the arm.
+    """
     users: dict[str, str] = {}
     for i in range(200):
-        user = f"fb-user-{TAG}-{i}"
+        user = pseudonymous_user("demo", f"fb-user-{TAG}-{i}")
         request = prompts_pb2.RenderRequest(
             template=ref, variables={"question": "Hi?"}, tenant="demo", user=user
         )
