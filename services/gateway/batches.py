@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -43,6 +45,8 @@ log = get_logger()
 
 MAX_BATCH_REQUESTS = 1000
 COLLECTOR_GROUP = "sluice-gateway-batches"
+# How long GetBatch waits to catch up with sluice.batches.v1 before saying UNAVAILABLE.
+CATCH_UP_S = 10.0
 Status = batches_pb2.BatchItemStatus
 
 
@@ -177,8 +181,16 @@ class BatchCollector:
                     for record in records:
                         outputs.extend(self.collect(record))
                     for output in outputs:
-                        await send(self.producer, "gateway", output)
-                    await consumer.commit({tp: self._safe_offset(tp, records[-1].offset + 1)})
+                        await with_backoff(
+                            "produce", "gateway", partial(send, self.producer, "gateway", output)
+                        )
+                    try:
+                        await consumer.commit({tp: self._safe_offset(tp, records[-1].offset + 1)})
+                    except (CommitFailedError, IllegalStateError) as exc:
+                        # Rebalanced away: the partition's new owner re-reads from the last commit.
+                        log.info(
+                            "batch collector commit skipped", partition=tp.partition, error=type(exc).__name__
+                        )
         finally:
             await consumer.stop()
 
@@ -332,7 +344,10 @@ class Batches:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_id: must not be empty")
         view = self.book.view(caller.tenant, request.batch_id)
         if view is None:
-            await asyncio.wait_for(self.book.caught_up(), self.settings.gateway_reply_timeout_s)
+            try:
+                await asyncio.wait_for(self.book.caught_up(), CATCH_UP_S)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "batches are still loading; retry shortly")
             view = self.book.view(caller.tenant, request.batch_id)
         if view is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"batch_id: no batch {request.batch_id!r}")

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from services.gateway.auth import demo_key_file
+from services.gateway.batches import BatchBook, BatchCollector
+from sluice.kafka import Output
 from sluice.stack import Stack
-from sluice.topics import PROMPTS, PROMPTS_BATCH
+from sluice.topics import BATCH_REPLIES, BATCHES, PROMPTS, PROMPTS_BATCH
 from sluice.v1 import batches_pb2, envelope_pb2, events_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.gateway.replica_pool import Replica, ReplicaPool
 from tests.ingress.conftest import make_key
@@ -160,3 +162,76 @@ def test_get_batch_without_a_key_is_unauthenticated(pool: ReplicaPool) -> None:
     with grpc.insecure_channel(pool.replicas[0].target) as channel, pytest.raises(grpc.RpcError) as caught:
         gateway_pb2_grpc.GatewayStub(channel).GetBatch(gateway_pb2.GetBatchRequest(batch_id="x"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- the collector and the fold on their own (no broker): ordering, restarts, tenants ---
+
+
+def _reply(
+    offset: int, request_id: str, tenant: str = "demo", **body: object
+) -> ConsumerRecord[bytes, bytes]:
+    event = events_pb2.ReplyEvent(
+        envelope=envelope_pb2.Envelope(request_id=request_id, tenant=tenant, attempt=1), **body
+    )
+    value = event.SerializeToString()
+    return ConsumerRecord(BATCH_REPLIES, 0, offset, 0, 0, request_id.encode(), value, None, 0, len(value), ())
+
+
+def _results(outputs: list[Output]) -> list[batches_pb2.BatchRecord]:
+    assert all(o.topic == BATCHES for o in outputs)
+    return [o.event for o in outputs]  # type: ignore[misc]
+
+
+def test_collector_joins_chunks_in_seq_order_and_starts_over_on_a_restart() -> None:
+    collector = BatchCollector("unused:9092", producer=None)  # type: ignore[arg-type]
+    rid = "b1-0"
+    chunk = events_pb2.TokenChunk
+    assert collector.collect(_reply(10, rid, chunk=chunk(seq=0, delta="stale", tokens=1))) == []
+    collector.collect(_reply(11, rid, restarted=events_pb2.StreamRestarted(attempt=2)))
+    collector.collect(_reply(12, rid, chunk=chunk(seq=1, delta=" world", tokens=1)))
+    collector.collect(_reply(13, rid, chunk=chunk(seq=0, delta="hello", tokens=1)))
+    tp = TopicPartition(BATCH_REPLIES, 0)
+    assert collector._safe_offset(tp, 14) == 10, "never commit past a request still being collected"
+    usage = envelope_pb2.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    finished = events_pb2.StreamFinished(finish_reason=events_pb2.FINISH_REASON_LENGTH, usage=usage)
+    (record,) = _results(list(collector.collect(_reply(14, rid, finished=finished))))
+    assert record.result.text == "hello world" and record.result.batch_id == "b1" and record.result.index == 0
+    assert record.result.status == Item.BATCH_ITEM_STATUS_SUCCEEDED and record.result.usage == usage
+    assert collector._safe_offset(tp, 15) == 15
+    cost = envelope_pb2.Cost(nanos=42, currency="USD")
+    (charged,) = _results(
+        list(collector.collect(_reply(15, rid, charged=events_pb2.StreamCharged(cost=cost))))
+    )
+    assert charged.cost.cost == cost and charged.cost.tenant == "demo"
+    failed = events_pb2.StreamFailed(code="INVALID_ARGUMENT", message="prompt: too long", stage="prompts")
+    (bad,) = _results(list(collector.collect(_reply(16, "b1-1", failed=failed))))
+    assert bad.result.status == Item.BATCH_ITEM_STATUS_FAILED and bad.result.error_code == "INVALID_ARGUMENT"
+    assert collector.collect(_reply(17, "not-a-batch-item", finished=finished)) == []
+
+
+def test_book_shows_a_batch_only_to_its_owner_and_ignores_other_tenants_results() -> None:
+    book = BatchBook("unused:9092")
+    opened = batches_pb2.BatchOpened(batch_id="b2", tenant="demo", size=2, request_ids=["b2-0", "b2-1"])
+    book.apply(batches_pb2.BatchRecord(opened=opened).SerializeToString())
+    ok = batches_pb2.BatchItemResult(
+        batch_id="b2",
+        request_id="b2-0",
+        index=0,
+        tenant="demo",
+        status=Item.BATCH_ITEM_STATUS_SUCCEEDED,
+        text="hi",
+    )
+    forged = batches_pb2.BatchItemResult(
+        batch_id="b2", request_id="b2-1", index=1, tenant="acme", status=Item.BATCH_ITEM_STATUS_SUCCEEDED
+    )
+    for result in (ok, forged):
+        book.apply(batches_pb2.BatchRecord(result=result).SerializeToString())
+    book.apply(b"\xff not a record")  # dropped, not fatal
+    assert book.view("acme", "b2") is None and book.view("demo", "nope") is None
+    view = book.view("demo", "b2")
+    assert view is not None and view.status == gateway_pb2.BATCH_STATUS_RUNNING and view.done == 1
+    assert [r.status for r in view.results] == [
+        Item.BATCH_ITEM_STATUS_SUCCEEDED,
+        Item.BATCH_ITEM_STATUS_PENDING,
+    ]
+    assert view.results[0].text == "hi"
