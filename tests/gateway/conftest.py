@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaConsumer
+from google.protobuf.message import Message
 
 from services.gateway.auth import demo_key_file
+from services.metering.reader import topic_partitions
 from sluice.stack import Stack
 from sluice.v1 import envelope_pb2, gateway_pb2, gateway_pb2_grpc
+
+M = TypeVar("M", bound=Message)
 
 
 def sluice(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,13 +56,22 @@ def generate(
 
 
 def first_of(
-    channel: grpc.Channel, key: str, req: gateway_pb2.GenerateRequest, timeout: float = 60
+    channel: grpc.Channel, key: str, req: gateway_pb2.GenerateRequest, timeout: float | None = 60
 ) -> tuple[gateway_pb2.GenerateResponse, Any]:
     """Admission without waiting for the model: the stream's first message, and the call to cancel."""
     call = gateway_pb2_grpc.GatewayStub(channel).Generate(
         req, metadata=(("authorization", f"Bearer {key}"),), timeout=timeout
     )
     return next(call), call
+
+
+def admission(channel: grpc.Channel, key: str, req: gateway_pb2.GenerateRequest) -> grpc.RpcError | None:
+    """None if the call was admitted (then cancelled at once), else its error."""
+    try:
+        first_of(channel, key, req)[1].cancel()
+    except grpc.RpcError as error:
+        return error
+    return None
 
 
 def rejected(call: Callable[[], object]) -> grpc.RpcError:
@@ -75,6 +90,28 @@ def eventually(what: str, check: Callable[[], Any], seconds: float = 30) -> Any:
         if time.monotonic() > end:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.1)
+
+
+async def _records(bootstrap: str, topic: str, key: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await topic_partitions(consumer, topic)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        found: list[bytes] = []
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                found.extend(r.value for r in records if r.key == key.encode() and r.value is not None)
+        return found
+    finally:
+        await consumer.stop()
+
+
+def on_topic(stack: Stack, topic: str, key: str, message: type[M]) -> list[M]:
+    """Every record of `topic` keyed `key`, decoded."""
+    return [message.FromString(v) for v in asyncio.run(_records(stack.settings.bootstrap, topic, key))]
 
 
 @pytest.fixture(scope="module")
