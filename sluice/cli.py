@@ -228,7 +228,6 @@ EXTENSIONS: tuple[str, ...] = (
     "sluice.cli_audit",
     "sluice.cli_redaction",
     "sluice.cli_metering",
-    "sluice.cli_feedback",
     "sluice.cli_keys",
     "sluice.cli_feedback",
 )
