@@ -87,11 +87,43 @@ class StopMatcher:
 
 
 class Interruptible(abc.ABC):
-    """A stream that an engine can stop from another task (abort on a cancel event)."""
+    """A token stream an engine can stop from another task (abort on a cancel event).
+
+    Holds what every engine's stream shares: `result` once ended, `async for`,
+    and `async with` (which closes, i.e. aborts, on the way out).
+    """
+
+    _result: GenerationResult | None = None
 
     @abc.abstractmethod
     def interrupt(self) -> None:
         """Ask generation to stop; the stream then ends with 'cancelled'. Thread-safe, idempotent."""
+
+    @abc.abstractmethod
+    async def __anext__(self) -> TokenEvent: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise RuntimeError("generation result is available only after the stream is exhausted or closed")
+        return self._result
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 class InFlight:
@@ -125,6 +157,16 @@ class InFlight:
         with self._lock:
             ref = self._live.get(request_id)
         return ref() if ref is not None else None
+
+    def interrupt(self, request_id: str) -> None:
+        """The engine's `abort`: unknown or finished request ids are ignored."""
+        stream = self.get(request_id)
+        if stream is not None:
+            stream.interrupt()
+
+    def interrupt_all(self) -> None:
+        for stream in self.all():
+            stream.interrupt()
 
     def all(self) -> list[Interruptible]:
         with self._lock:
@@ -164,18 +206,9 @@ class GeneratedStream(Interruptible):
         self._interrupted = False
         table.add(request_id, self)
 
-    @property
-    def result(self) -> GenerationResult:
-        if self._result is None:
-            raise RuntimeError("generation result is available only after the stream is exhausted or closed")
-        return self._result
-
     def interrupt(self) -> None:
         self._interrupted = True
         self._generation.interrupt()
-
-    def __aiter__(self) -> Self:
-        return self
 
     async def __anext__(self) -> TokenEvent:
         if self._result is not None:
@@ -217,13 +250,15 @@ class GeneratedStream(Interruptible):
             self._result = result
             self._table.remove(self._request_id, self)
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+class TracksInFlight:
+    """`abort` and `in_flight` over the engine's InFlight table (every engine keeps one)."""
+
+    _table: InFlight
+
+    async def abort(self, request_id: str) -> None:
+        self._table.interrupt(request_id)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._table)

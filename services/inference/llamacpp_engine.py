@@ -74,6 +74,7 @@ from services.inference.engine_support import (
     InFlight,
     Interruptible,
     StopMatcher,
+    TracksInFlight,
     check_prompt_fits,
     validate_sampling,
 )
@@ -252,12 +253,6 @@ class LlamaTokenStream(Interruptible):
     def prompt_tokens(self) -> int:
         return len(self._request.prompt_tokens)
 
-    @property
-    def result(self) -> GenerationResult:
-        if self._result is None:
-            raise RuntimeError("generation result is available only after the stream is exhausted or closed")
-        return self._result
-
     def interrupt(self) -> None:
         """Stop generating (thread-safe); a stream waiting for a slot ends at once."""
         self._stop.set()
@@ -265,9 +260,6 @@ class LlamaTokenStream(Interruptible):
         if wakeup is not None:
             with contextlib.suppress(RuntimeError):  # its loop is closed
                 wakeup.get_loop().call_soon_threadsafe(_resolve, wakeup)
-
-    def __aiter__(self) -> Self:
-        return self
 
     async def __anext__(self) -> TokenEvent:
         if self._closed:
@@ -367,17 +359,6 @@ class LlamaTokenStream(Interruptible):
             return
         self._finish(result)
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def __del__(self) -> None:
         # Abandoned without aclose(): make sure the worker does not run on.
         self._stop.set()
@@ -421,7 +402,7 @@ def _cached_prefix(llm: llama_cpp.Llama, tokens: Sequence[int]) -> int:
     return max(0, min(cached, len(tokens) - 1))  # generate() re-decodes at least one token
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(TracksInFlight):
     """A pool of ``slots`` llama.cpp instances serving streamed generations (an :class:`Engine`).
 
     ``n_threads=None`` uses :func:`default_n_threads`.
@@ -514,21 +495,12 @@ class LlamaCppEngine:
     def capacity(self) -> int:
         return self.num_slots
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._table)
-
     async def health(self) -> Health:
         if not self._started:
             return Health(False, "not started")
         if self._closed:
             return Health(False, "closed")
         return Health(True, f"{self.num_slots} slots, {self.free_slots} free")
-
-    async def abort(self, request_id: str) -> None:
-        stream = self._table.get(request_id)
-        if stream is not None:
-            stream.interrupt()
 
     # -- tokenization ------------------------------------------------------- #
 
@@ -686,8 +658,7 @@ class LlamaCppEngine:
                 return
             self._closed = True
             active = list(self._active.items())
-        for stream in self._table.all():
-            stream.interrupt()
+        self._table.interrupt_all()
         for _, stop in active:
             stop.set()
         for thread, _ in active:

@@ -47,6 +47,7 @@ from services.inference.engine_support import (
     GeneratedStream,
     Generation,
     InFlight,
+    TracksInFlight,
     check_prompt_fits,
     validate_sampling,
 )
@@ -183,7 +184,7 @@ def _error_kind(error: object) -> str:
     return type(error).__name__
 
 
-class OpenAIEngine:
+class OpenAIEngine(TracksInFlight):
     """An OpenAI-compatible `/v1/completions` server behind the Engine interface."""
 
     kind: str = "openai"
@@ -269,18 +270,9 @@ class OpenAIEngine:
         generation = _RemoteGeneration(self, prompt, prompt_tokens, sampling)
         return GeneratedStream(request_id, generation, self._table)
 
-    async def abort(self, request_id: str) -> None:
-        stream = self._table.get(request_id)
-        if stream is not None:
-            stream.interrupt()
-
     @property
     def capacity(self) -> int:
         return self._settings.max_concurrency
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._table)
 
     async def health(self) -> Health:
         if self._client is None:
@@ -298,8 +290,7 @@ class OpenAIEngine:
         if self._closed:
             return
         self._closed = True
-        for stream in self._table.all():
-            stream.interrupt()
+        self._table.interrupt_all()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

@@ -47,6 +47,7 @@ from services.inference.engine_support import (
     Generation,
     InFlight,
     StopMatcher,
+    TracksInFlight,
     check_prompt_fits,
     validate_sampling,
 )
@@ -132,7 +133,7 @@ class _TrtGeneration(Generation):
         )
 
 
-class TrtLlmEngine:
+class TrtLlmEngine(TracksInFlight):
     """TensorRT-LLM LLM API behind the Engine interface; capacity is its max_batch_size."""
 
     kind: str = "trtllm"
@@ -216,18 +217,9 @@ class TrtLlmEngine:
         check_prompt_fits(len(ids), sampling.max_tokens, self.context_tokens)
         return GeneratedStream(request_id, _TrtGeneration(self, ids, sampling), self._table)
 
-    async def abort(self, request_id: str) -> None:
-        stream = self._table.get(request_id)
-        if stream is not None:
-            stream.interrupt()
-
     @property
     def capacity(self) -> int:
         return self._settings.max_batch_size
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._table)
 
     async def health(self) -> Health:
         if self._closed:
@@ -240,8 +232,7 @@ class TrtLlmEngine:
         if self._closed:
             return
         self._closed = True
-        for stream in self._table.all():
-            stream.interrupt()
+        self._table.interrupt_all()
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
