@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from google.protobuf import json_format
+
 from sluice.cli import Commands, as_dict, demo_key, grpc_channel, print_json
 from sluice.config import Settings
 from sluice.v1 import feedback_pb2, gateway_pb2, gateway_pb2_grpc
@@ -42,7 +44,14 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
             request, metadata=_metadata(settings, args)
         )
     if args.json:
-        print_json({"stats": [as_dict(s) for s in reply.stats]})
+        # Every field, zeros included: a 0.0 ratio is an answer, not a missing one.
+        rows = [
+            json_format.MessageToDict(
+                s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            for s in reply.stats
+        ]
+        print_json({"stats": rows})
         return 0
     header = ("tenant", "model", "template", "variant", "ratings", "+", "-")
     print("{:<12} {:<26} {:<24} {:<10} {:>7} {:>5} {:>5}  positive".format(*header))
