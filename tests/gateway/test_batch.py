@@ -92,6 +92,7 @@ async def _prompt_topics(bootstrap: str, request_ids: set[str]) -> dict[str, str
         await consumer.stop()
 
 
+@pytest.mark.timeout(1200)  # batch work waits for spare capacity; nothing here is timed
 def test_a_batch_is_served_and_readable_from_any_replica_and_after_a_restart(
     stack: Stack, pool: ReplicaPool, key: str
 ) -> None:

@@ -83,6 +83,7 @@ async def _replies_on_tokens(
         await consumer.stop()
 
 
+@pytest.mark.timeout(1800)  # 200 generations on a shared 2-core machine; nothing here is timed
 def test_200_concurrent_streams_over_3_replicas_never_cross_or_lose_tokens(
     stack: Stack, replicas: list[Replica]
 ) -> None:
