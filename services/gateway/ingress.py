@@ -200,6 +200,9 @@ class Ingress:
             raise Rejected(f"authentication: no {SIGNATURE} or {KEY_REF} header")
         if event.envelope.tenant != caller.tenant:
             raise Rejected("envelope.tenant: does not match the API key's tenant")
+        # Metering attributes usage by the key_id of the raw record: it must be the caller's own.
+        if event.key_id and event.key_id != caller.key_id:
+            raise Rejected("key_id: must be empty or the id of the key the record is authenticated with")
         if caller.role == "auditor":
             raise Rejected("authentication: an auditor key may not make requests")
         return caller

@@ -237,6 +237,7 @@ def test_each_bad_record_is_dead_lettered_with_its_reason_audited_and_the_consum
     forged = case("forged", request_json("RID", tenant="acme"), [], "envelope.tenant: does not match")
     revoked_ref = case("badref", request_json("RID"), [], "authentication: unknown or revoked API key")
     bad_model = case("model", request_json("RID", model="gpt-99"), [], "model: unknown model")
+    other_key = case("keyid", request_json("RID", keyId="0123456789ab"), [], "key_id: must be empty")
     not_allowed = case("notallowed", request_json("RID"), [], "model: this API key may not use model")
     revoked_key = case("revoked", request_json("RID"), [], "authentication: unknown or revoked API key")
     bad_tokens = case(
@@ -253,7 +254,7 @@ def test_each_bad_record_is_dead_lettered_with_its_reason_audited_and_the_consum
             headers = signed(request_id, val, OTHER_TENANT_TOPIC)
         elif request_id == internal:
             headers = signed(request_id, val, topics.TOKENS)
-        elif request_id in (forged, bad_model, bad_tokens):
+        elif request_id in (forged, bad_model, bad_tokens, other_key):
             headers = signed(request_id, val)
         elif request_id == not_allowed:
             headers = [JSON, (REPLY_TO, REPLY_TOPIC.encode()), key_ref_header(limited.key_id, limited.key)]
