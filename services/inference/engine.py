@@ -126,7 +126,7 @@ class Engine(Protocol):
 
     @property
     def in_flight(self) -> int:
-        """Generations started and not yet finished (waiting for a slot counts too)."""
+        """Streams handed out by `stream()` and not yet ended (those waiting for room count too)."""
 
     async def health(self) -> Health: ...
 
