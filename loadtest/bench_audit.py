@@ -7,6 +7,9 @@
 2. Query: fill an index with 1,000,000 records (200,000 requests x 5 stages,
    20 tenants, 30 days), then time `AuditStore.query` by tenant and a random
    time range (one page of 100, as the Query RPC does), and by tenant + user.
+
+`--backend postgres` runs both against a real PostgreSQL server (the pgserver
+wheel of the dev extra) instead of SQLite files.
 """
 
 from __future__ import annotations
@@ -112,7 +115,20 @@ async def index_all(bootstrap: str, store: AuditStore) -> tuple[float, float]:
     return elapsed, cpu_used
 
 
-def bench_indexer(count: int, work: Path) -> dict[str, float]:
+def index_location(backend: str, work: Path, name: str) -> Path | str:
+    """A fresh index: a SQLite file, or a new database on a local PostgreSQL server."""
+    if backend == "sqlite":
+        return work / f"{name}.sqlite"
+    import pgserver  # type: ignore[import-not-found]  # dev extra
+    import psycopg
+
+    server = pgserver.get_server(work / "pg", cleanup_mode="stop")
+    with psycopg.connect(server.get_uri(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return str(server.get_uri(name))
+
+
+def bench_indexer(count: int, work: Path, backend: str = "sqlite") -> dict[str, float]:
     batch = list(records(count, seed=1))
     broker = LocalBroker(REPO_ROOT, work / "kafka", port=_free(), controller_port=_free())
     broker.start()
@@ -120,7 +136,7 @@ def bench_indexer(count: int, work: Path) -> dict[str, float]:
         broker.wait_ready(timeout=120)
         Stack(load_settings(kafka_bootstrap=broker.bootstrap, state_dir=work / "state")).apply_topics()
         asyncio.run(produce(broker.bootstrap, batch))
-        store = AuditStore(work / "indexer.sqlite")
+        store = AuditStore(index_location(backend, work, "indexer"))
         seconds, cpu = asyncio.run(index_all(broker.bootstrap, store))
         assert store.count() == count, (store.count(), count)
         store.close()
@@ -129,8 +145,8 @@ def bench_indexer(count: int, work: Path) -> dict[str, float]:
     return {"records": count, "seconds": seconds, "records_per_s": count / seconds, "per_cpu_s": count / cpu}
 
 
-def bench_query(count: int, queries: int, work: Path) -> dict[str, float]:
-    store = AuditStore(work / "query.sqlite")
+def bench_query(count: int, queries: int, work: Path, backend: str = "sqlite") -> dict[str, float]:
+    store = AuditStore(index_location(backend, work, "query"))
     started = time.perf_counter()
     batch: list[Row] = []
     for offset, record in enumerate(records(count)):
@@ -177,11 +193,13 @@ def main() -> None:
     parser.add_argument("--index-records", type=int, default=200_000)
     parser.add_argument("--query-records", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+    print(f"index backend: {args.backend}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         work = Path(tmp)
-        indexer = bench_indexer(args.index_records, work)
+        indexer = bench_indexer(args.index_records, work, args.backend)
         print(
             f"indexer: {indexer['records']:,} records from Kafka in {indexer['seconds']:.1f} s = "
             f"{indexer['records_per_s']:,.0f} records/s wall, "
@@ -190,7 +208,7 @@ def main() -> None:
         )
         if not args.query_records:
             return
-        query = bench_query(args.query_records, args.queries, work)
+        query = bench_query(args.query_records, args.queries, work, args.backend)
         print(
             f"query over {query['records']:,} indexed records ({args.queries} queries, page of 100):\n"
             f"  tenant + 1-day range: p50 {query['tenant_time_p50_ms']:.2f} ms, "

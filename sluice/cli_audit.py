@@ -75,7 +75,17 @@ def entry_dict(entry: audit_pb2.AuditEntry) -> dict[str, Any]:
 
 def print_entry(entry: audit_pb2.AuditEntry) -> None:
     r = entry.record
-    who = " ".join(f"{k}={v}" for k, v in (("tenant", r.tenant), ("user", r.user)) if v)
+    who = " ".join(
+        f"{k}={v}"
+        for k, v in (
+            ("tenant", r.tenant),
+            ("user", r.user),
+            ("key", r.api_key_id),
+            ("from", r.caller_address),
+            ("model", r.model),
+        )
+        if v
+    )
     details = " ".join(f"{k}={v}" for k, v in sorted(r.details.items()))
     print(f"{r.seq:>6}  {r.event_time}  {r.stage:<14} {r.request_id}  {who}  {details}")
     state = CONTENT_STATES[entry.content_state]
