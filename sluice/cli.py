@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from sluice import tls
 from sluice.broker import BrokerError
 from sluice.config import SERVICES, ConfigError, Settings, load_settings
 from sluice.stack import Stack, StackError
@@ -150,7 +151,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def grpc_channel(settings: Settings, service: Any) -> grpc.Channel:
-    return grpc.insecure_channel(settings.grpc_target(service))
+    return tls.channel(settings, settings.grpc_target(service))
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:

@@ -138,6 +138,15 @@ class Settings(BaseSettings):
     gateway_max_request_bytes: int = Field(default=1048576, gt=0)
     gateway_max_streams: int = Field(default=256, ge=1)
     gateway_seed_demo_key: bool = True
+    # Optional TLS for every gRPC server (sluice/tls.py): cert+key turn it on; a client
+    # CA makes it mutual. Our own clients trust `grpc_tls_ca_file` (default: system roots)
+    # and present the client cert+key when set.
+    grpc_tls_cert_file: Path | None = None
+    grpc_tls_key_file: Path | None = None
+    grpc_tls_client_ca_file: Path | None = None
+    grpc_tls_ca_file: Path | None = None
+    grpc_tls_client_cert_file: Path | None = None
+    grpc_tls_client_key_file: Path | None = None
     # Kafka ingress (docs/ingress.md): reply topics a producer may name in `sluice-reply-to`
     # ({tenant} is the authenticated tenant; shell-style wildcards), and how old a
     # `sluice-signature` timestamp may be (either direction) before it is refused.
@@ -179,6 +188,20 @@ class Settings(BaseSettings):
     metering_dedupe_capacity: int = Field(default=1_000_000, ge=1000)
     metering_transaction_records: int = Field(default=500, ge=1)
     metering_budget_commit_s: float = Field(default=0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        """Half a TLS set-up would silently serve plaintext: refuse it, naming the missing half."""
+        pairs = (
+            ("grpc_tls_cert_file", "grpc_tls_key_file"),
+            ("grpc_tls_client_cert_file", "grpc_tls_client_key_file"),
+        )
+        for one, other in (*pairs, *((b, a) for a, b in pairs)):
+            if getattr(self, one) is not None and getattr(self, other) is None:
+                raise ValueError(f"SLUICE_{other.upper()} must be set with SLUICE_{one.upper()}")
+        if self.grpc_tls_client_ca_file is not None and self.grpc_tls_cert_file is None:
+            raise ValueError("SLUICE_GRPC_TLS_CERT_FILE must be set with SLUICE_GRPC_TLS_CLIENT_CA_FILE")
+        return self
 
     @field_validator("state_dir")
     @classmethod

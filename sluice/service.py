@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from sluice import logs, tracing
+from sluice import logs, tls, tracing
 from sluice.config import ServiceName, Settings
 from sluice.grpc_metrics import MetricsInterceptor
 from sluice.kafka import EventConsumer, start_producer
@@ -116,7 +116,7 @@ async def serve(service: Service) -> None:
         server,
     )
     address = f"{settings.host}:{settings.grpc_port(name)}"
-    if server.add_insecure_port(address) == 0:
+    if tls.open_port(server, address, settings) == 0:
         raise SystemExit(f"{name}: cannot listen on {address} (SLUICE_{name.upper()}_PORT)")
     await _set_status(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice import tls
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, SERVICES, ServiceName, Settings
 from sluice.topic_admin import ApplyReport, apply
@@ -103,7 +104,7 @@ class Stack:
         return None if waited == pid else pid
 
     def healthy(self, name: ServiceName, timeout: float = 1.0) -> bool:
-        with grpc.insecure_channel(self.settings.grpc_target(name)) as channel:
+        with tls.channel(self.settings, self.settings.grpc_target(name)) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=timeout
