@@ -96,6 +96,12 @@ bench-feedback: $(STAMP) kafka-jars
 	$(PY) -m loadtest.bench_feedback
 BENCHES += bench-feedback
 
+# Inference: 16 concurrent streams x 64 tokens, llama.cpp direct vs the worker end to end through Kafka.
+.PHONY: bench-inference
+bench-inference: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_inference
+BENCHES += bench-inference
+
 # Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
 # above this line and appends it to BENCHES; `make bench` runs them all.
 BENCHES ?=

@@ -113,6 +113,16 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(default=None, ge=1)
     token_flush_tokens: int = Field(default=8, ge=1)
     token_flush_ms: int = Field(default=5, ge=0)
+    # Inference worker loop (issue 5): model pools this worker serves (names or aliases;
+    # empty = every catalog model); its id in completions (unset = host:pid); how long
+    # SIGTERM or a rebalance waits for running generations before handing them back;
+    # the group session timeout (how soon a dead worker's prompts move); how long a
+    # cancel that arrived before its prompt is remembered.
+    inference_pools: list[str] = Field(default_factory=list)
+    inference_worker_id: str | None = None
+    inference_drain_grace_s: float = Field(default=20.0, gt=0)
+    inference_session_timeout_ms: int = Field(default=10000, ge=6000)
+    inference_cancel_memory_s: float = Field(default=300.0, gt=0)
 
     redaction_score_threshold: float = Field(default=0.35, ge=0, le=1)
     # --- redaction (issue 3): policies, limits, keys, output redaction ---

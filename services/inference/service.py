@@ -1,9 +1,11 @@
-"""Inference: runs assembled prompts on the model's engine and streams tokens back.
+"""Inference: runs assembled prompts on each model pool's engine and streams tokens back.
 
-Each model pool has its own consumer group on sluice.prompts.v1 and takes only
-its own model's prompts. Token chunks go to the caller's reply partition as
-they are made; the completion (with exact usage) is produced before the
-prompt's offset is committed.
+Each model pool is one consumer group (`sluice-inference-<pool>`) on
+sluice.prompts.v1 and, with spare capacity only, sluice.prompts-batch.v1. A
+pool keeps up to its engine's capacity of prompts in flight and pauses its
+partitions when full, so waiting prompts stay in Kafka. Cancels come from
+sluice.control.v1; started/finished markers on sluice.inference-attempts.v1
+make a crashed worker's prompts re-run as the next attempt. See docs/inference.md.
 """
 
 from __future__ import annotations
@@ -11,89 +13,30 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import TopicPartition
 
-from services.inference.llamacpp_engine import LlamaCppEngine
-from services.redaction.boundary import Boundary, load_output_boundary, redact_chunk, stream_redactor_for
-from services.redaction.streaming import StreamRedactor
-from sluice import envelope as envelopes
-from sluice.config import Settings
-from sluice.kafka import EventConsumer, Output
+from services.inference.attempts import AttemptBook
+from services.inference.control import CancelBoard, ControlReader
+from services.inference.engine import Engine, EngineLoadError
+from services.inference.engines import build_engine
+from services.inference.worker import PoolWorker
+from services.redaction.boundary import Boundary, load_output_boundary
+from sluice.config import ConfigError, Settings
+from sluice.kafka_inflight import InFlightConsumer
 from sluice.logs import get_logger
-from sluice.models import resolve_model_path
-from sluice.service import Context, GrpcApi, Runtime, Service
-from sluice.topics import COMPLETIONS, PROMPTS, BadEvent
-from sluice.v1 import envelope_pb2, events_pb2, inference_pb2, inference_pb2_grpc
+from sluice.service import Consumer, Context, GrpcApi, Runtime, Service
+from sluice.topics import PROMPTS, PROMPTS_BATCH
+from sluice.v1 import inference_pb2, inference_pb2_grpc
 
 log = get_logger()
-FINISH = {
-    "stop": events_pb2.FINISH_REASON_STOP,
-    "length": events_pb2.FINISH_REASON_LENGTH,
-    "cancelled": events_pb2.FINISH_REASON_CANCELLED,
-}
-
-
-@dataclass
-class ChunkWriter:
-    """Coalesces tokens into chunks: fewer Kafka records, still a live stream."""
-
-    producer: AIOKafkaProducer
-    event: events_pb2.PromptAssembled
-    max_tokens: int
-    max_delay_s: float
-    seq: int = 0
-    _text: list[str] = field(default_factory=list)
-    _tokens: int = 0
-    _since: float = field(default_factory=time.monotonic)
-    _pending: list[asyncio.Future[object]] = field(default_factory=list)
-    # Output redaction: model text reaches sluice.tokens.v1 only through this.
-    redactor: StreamRedactor | None = None
-
-    async def add(self, text: str, tokens: int) -> None:
-        self._text.append(text)
-        self._tokens += tokens
-        if self._tokens >= self.max_tokens or time.monotonic() - self._since >= self.max_delay_s:
-            await self.flush()
-
-    async def flush(self, final: bool = False) -> None:
-        delta = "".join(self._text)
-        if self.redactor is not None:
-            delta = await asyncio.to_thread(redact_chunk, self.redactor, delta, final)
-        if not delta and not self._tokens:
-            return
-        reply_to = self.event.reply_to
-        if reply_to.topic:
-            reply = events_pb2.ReplyEvent(
-                envelope=envelopes.follow(self.event.envelope, "inference"),
-                chunk=events_pb2.TokenChunk(seq=self.seq, delta=delta, tokens=self._tokens),
-            )
-            self._pending.append(
-                await self.producer.send(
-                    reply_to.topic,
-                    reply.SerializeToString(),
-                    key=self.event.envelope.request_id.encode(),
-                    partition=reply_to.partition,
-                )
-            )
-            self.seq += 1
-        self._text.clear()
-        self._tokens = 0
-        self._since = time.monotonic()
-
-    async def close(self) -> None:
-        await self.flush(final=True)
-        for future in self._pending:
-            await future
 
 
 @dataclass
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    settings: Settings
-    engines: dict[str, LlamaCppEngine]
+    engines: dict[str, Engine]
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
@@ -101,120 +44,132 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.ModelInfo(
-                    name=name, engine="llamacpp", context_tokens=engine.n_ctx, slots=engine.num_slots
+                    name=name, engine=engine.kind, context_tokens=engine.context_tokens, slots=engine.capacity
                 )
                 for name, engine in self.engines.items()
             ]
         )
 
 
+def served_pools(settings: Settings) -> list[str]:
+    """Canonical pool names this worker serves (SLUICE_INFERENCE_POOLS, default: all models)."""
+    catalog = settings.catalog
+    if not settings.inference_pools:
+        return list(catalog.models)
+    pools = []
+    for name in settings.inference_pools:
+        canonical = catalog.resolve(name)
+        if canonical is None or not name:
+            raise ConfigError(f"SLUICE_INFERENCE_POOLS: {name!r} is not a model or alias in the catalog")
+        pools.append(canonical)
+    return list(dict.fromkeys(pools))
+
+
 class InferenceService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.name = "inference"
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.engines: dict[str, LlamaCppEngine] = {}
+        if settings.inference_drain_grace_s + 5 > settings.drain_timeout_s:
+            # serve() cancels consumers after drain_timeout_s: the hand-back must fit inside it.
+            raise ConfigError(
+                f"SLUICE_INFERENCE_DRAIN_GRACE_S: {settings.inference_drain_grace_s} must be at least "
+                f"5 s below SLUICE_DRAIN_TIMEOUT_S ({settings.drain_timeout_s})"
+            )
+        self.worker = settings.inference_worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.engines: dict[str, Engine] = {}
         self.output_boundary: Boundary | None = None
+        self.board = CancelBoard(memory_s=settings.inference_cancel_memory_s)
+        self.attempts: AttemptBook | None = None
 
     async def prepare(self) -> None:
+        pools = served_pools(self.settings)
         self.output_boundary = await load_output_boundary(self.settings)
-        for name, spec in self.settings.catalog.models.items():
-            self.engines[name] = await asyncio.to_thread(
-                LlamaCppEngine,
-                resolve_model_path(spec.source),
-                n_ctx=spec.context_tokens,
-                n_threads=self.settings.inference_threads,
-                slots=self.settings.inference_slots,
+        for pool in pools:
+            try:
+                self.engines[pool] = await self._start_engine(pool)
+            except EngineLoadError as exc:
+                # Health stays NOT_SERVING and no consumer group is joined: leave with the reason.
+                log.error("engine failed to load", model=pool, error=str(exc))
+                raise SystemExit(f"inference: model {pool}: engine failed to load: {exc}") from None
+            log.info(
+                "model loaded",
+                model=pool,
+                engine=self.engines[pool].kind,
+                capacity=self.engines[pool].capacity,
             )
-            log.info("model loaded", model=name, slots=self.settings.inference_slots)
+
+    async def _start_engine(self, pool: str) -> Engine:
+        engine = build_engine(pool, self.settings.catalog.models[pool], self.settings)
+        await engine.start()
+        return engine
+
+    async def _restart_engine(self, failed: Engine) -> Engine:
+        pool = next(name for name, engine in self.engines.items() if engine is failed)
+        await failed.close()
+        self.engines[pool] = await self._start_engine(pool)
+        log.info("engine restarted", model=pool)
+        return self.engines[pool]
 
     def apis(self) -> Sequence[GrpcApi]:
         return [
             GrpcApi(
                 inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                InferenceServicer(self.settings, self.engines),
+                InferenceServicer(self.engines),
                 inference_pb2_grpc.add_InferenceServicer_to_server,
             )
         ]
 
-    async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
-        self.producer = runtime.producer
-        return [
-            runtime.consumer([PROMPTS], self._pool_handler(model), group_id=f"sluice-inference-{model}")
-            for model in self.engines
-        ]
-
-    def _pool_handler(self, model: str):  # type: ignore[no-untyped-def]
-        async def handle(
-            event: events_pb2.PromptAssembled, record: ConsumerRecord[bytes, bytes]
-        ) -> Sequence[Output]:
-            if event.model != model:
-                return ()  # another pool's prompt
-            return await self.generate(self.engines[model], event)
-
-        return handle
-
-    async def generate(self, engine: LlamaCppEngine, event: events_pb2.PromptAssembled) -> Sequence[Output]:
-        params = event.params
-        request_id = event.envelope.request_id
-        try:
-            stream = engine.stream(
-                event.prompt, params.max_tokens, params.temperature, params.top_p or 1.0, params.stop
+    async def connect(self, runtime: Runtime) -> Sequence[Consumer]:
+        self.attempts = AttemptBook(runtime.settings.bootstrap, runtime.codec, runtime.producer, self.worker)
+        self.attempts.check_partitions(PROMPTS, PROMPTS_BATCH)
+        consumers = []
+        for pool, engine in self.engines.items():
+            worker = PoolWorker(
+                pool,
+                self.settings,
+                engine,
+                runtime.producer,
+                self.worker,
+                self.board,
+                self.attempts,
+                self.output_boundary,
+                restart_engine=self._restart_engine,
             )
-        except ValueError as exc:
-            raise BadEvent(f"params: {exc}") from None
-        writer = ChunkWriter(
-            self.producer,
-            event,
-            self.settings.token_flush_tokens,
-            self.settings.token_flush_ms / 1000,
-            redactor=stream_redactor_for(self.output_boundary, event.envelope.tenant, self.settings),
+            consumers.append(self._consumer(runtime, worker))
+        return consumers
+
+    def _consumer(self, runtime: Runtime, worker: PoolWorker) -> InFlightConsumer:
+        attempts = self.attempts
+        assert attempts is not None
+
+        async def reassigned(tps: set[TopicPartition]) -> None:
+            attempts.reassigned(tps)
+
+        return InFlightConsumer(
+            service=self.name,
+            group_id=f"sluice-inference-{worker.pool}",
+            topics=[PROMPTS],
+            background_topics=[PROMPTS_BATCH],
+            handler=worker.handle,
+            codec=runtime.codec,
+            bootstrap=runtime.settings.bootstrap,
+            producer=runtime.producer,
+            capacity=worker.capacity,
+            grace_s=self.settings.inference_drain_grace_s,
+            session_timeout_ms=self.settings.inference_session_timeout_ms,
+            on_assigned=reassigned,
+            on_revoked=reassigned,
         )
-        started = time.monotonic()
-        first_token: float | None = None
-        async with stream:
-            async for token in stream:
-                if first_token is None and token.token_id is not None:
-                    first_token = time.monotonic()
-                await writer.add(token.text, 1 if token.token_id is not None else 0)
-        await writer.close()
-        result = stream.result
-        ended = time.monotonic()
-        usage = envelope_pb2.Usage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.total_tokens,
-        )
-        finish = FINISH[result.finish_reason]
-        completion = events_pb2.CompletionFinished(
-            envelope=envelopes.follow(event.envelope, self.name),
-            model=event.model,
-            finish_reason=finish,
-            usage=usage,
-            time_to_first_token_ms=round(((first_token or ended) - started) * 1000),
-            duration_ms=round((ended - started) * 1000),
-            worker=self.worker,
-            reply_to=event.reply_to,
-        )
-        log.info(
-            "completed",
-            request_id=request_id,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-        )
-        outputs = [Output(COMPLETIONS, completion, request_id)]
-        if event.reply_to.topic:
-            finished = events_pb2.ReplyEvent(
-                envelope=envelopes.follow(event.envelope, self.name),
-                finished=events_pb2.StreamFinished(finish_reason=finish, usage=usage),
-            )
-            outputs.append(Output(event.reply_to.topic, finished, request_id, event.reply_to.partition))
-        return outputs
+
+    async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:
+        reader = ControlReader(runtime.settings.bootstrap, runtime.codec, self.board, self.worker)
+        return [asyncio.create_task(reader.run(), name="control-reader")]
 
     async def close(self) -> None:
+        if self.attempts is not None:
+            await self.attempts.close()
         for engine in self.engines.values():
-            await asyncio.to_thread(engine.close)
+            await engine.close()
 
 
 def build(settings: Settings) -> Service:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import envelope_pb2 as sluice_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/attempts.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\"\x9b\x01\n\rAttemptMarker\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.sluice.v1.AttemptState\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x14\n\x0csource_topic\x18\x04 \x01(\t\x12\x15\n\rsource_offset\x18\x05 \x01(\x03*d\n\x0c\x41ttemptState\x12\x1d\n\x19\x41TTEMPT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTEMPT_STATE_STARTED\x10\x01\x12\x1a\n\x16\x41TTEMPT_STATE_FINISHED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/attempts.proto\x12\tsluice.v1\x1a\x18sluice/v1/envelope.proto\"\x9b\x01\n\rAttemptMarker\x12%\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Envelope\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.sluice.v1.AttemptState\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x14\n\x0csource_topic\x18\x04 \x01(\t\x12\x15\n\rsource_offset\x18\x05 \x01(\x03*\x83\x01\n\x0c\x41ttemptState\x12\x1d\n\x19\x41TTEMPT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTEMPT_STATE_STARTED\x10\x01\x12\x1a\n\x16\x41TTEMPT_STATE_FINISHED\x10\x02\x12\x1d\n\x19\x41TTEMPT_STATE_HANDED_BACK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.attempts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTEMPTSTATE']._serialized_start=223
-  _globals['_ATTEMPTSTATE']._serialized_end=323
+  _globals['_ATTEMPTSTATE']._serialized_start=224
+  _globals['_ATTEMPTSTATE']._serialized_end=355
   _globals['_ATTEMPTMARKER']._serialized_start=66
   _globals['_ATTEMPTMARKER']._serialized_end=221
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,14 @@ class _AttemptStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptS
     ATTEMPT_STATE_STARTED: _AttemptState.ValueType  # 1
     """Generation began: tokens may already have reached the caller."""
     ATTEMPT_STATE_FINISHED: _AttemptState.ValueType  # 2
-    """The attempt's completion is published; a redelivery of it is a duplicate."""
+    """The attempt's completion and the caller's answer are published; a
+    redelivery of the prompt is a duplicate.
+    """
+    ATTEMPT_STATE_HANDED_BACK: _AttemptState.ValueType  # 3
+    """The attempt's completion is published but the request is not answered
+    (the worker stopped, or died and its successor closed the attempt): the
+    next owner runs attempt + 1.
+    """
 
 class AttemptState(_AttemptState, metaclass=_AttemptStateEnumTypeWrapper): ...
 
@@ -36,7 +43,14 @@ ATTEMPT_STATE_UNSPECIFIED: AttemptState.ValueType  # 0
 ATTEMPT_STATE_STARTED: AttemptState.ValueType  # 1
 """Generation began: tokens may already have reached the caller."""
 ATTEMPT_STATE_FINISHED: AttemptState.ValueType  # 2
-"""The attempt's completion is published; a redelivery of it is a duplicate."""
+"""The attempt's completion and the caller's answer are published; a
+redelivery of the prompt is a duplicate.
+"""
+ATTEMPT_STATE_HANDED_BACK: AttemptState.ValueType  # 3
+"""The attempt's completion is published but the request is not answered
+(the worker stopped, or died and its successor closed the attempt): the
+next owner runs attempt + 1.
+"""
 Global___AttemptState: _TypeAlias = AttemptState  # noqa: Y015
 
 @_typing.final
