@@ -96,6 +96,12 @@ bench-feedback: $(STAMP) kafka-jars
 	$(PY) -m loadtest.bench_feedback
 BENCHES += bench-feedback
 
+# API keys: lookup cost per authenticated call; revocation to effect on a live follower.
+.PHONY: bench-keys
+bench-keys: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_keys
+BENCHES += bench-keys
+
 # Inference: 16 concurrent streams x 64 tokens, llama.cpp direct vs the worker end to end through Kafka.
 .PHONY: bench-inference
 bench-inference: $(STAMP) kafka-jars
