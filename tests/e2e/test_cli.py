@@ -61,9 +61,11 @@ def test_generate_prints_text_then_request_id_usage_and_cost(stack: Stack) -> No
 def test_keys_demo_prints_the_key_the_gateway_accepts(stack: Stack) -> None:
     done = sluice(stack, "keys", "demo")
     assert done.returncode == 0
-    assert done.stdout.strip().startswith("sk-sluice-demo-")
+    assert done.stdout.strip().startswith("sk-sluice-")
     as_json = json.loads(sluice(stack, "--json", "keys", "demo").stdout)
-    assert as_json == {"tenant": "demo", "api_key": done.stdout.strip()}
+    assert as_json["tenant"] == "demo" and as_json["api_key"] == done.stdout.strip()
+    key_id = sluice(stack, "keys", "id").stdout.strip()
+    assert as_json["key_id"] == key_id and done.stdout.strip().startswith(f"sk-sluice-{key_id}.")
 
 
 def test_unknown_trail_is_a_clear_error(stack: Stack) -> None:
