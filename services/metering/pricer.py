@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiokafka import ConsumerRecord
 
+from services.metering import metrics
 from services.metering.attribution import Attribution
 from services.metering.pricing import Catalog
 from services.metering.reader import read_committed
@@ -81,6 +82,11 @@ class Pricer:
     def outputs(self, event: events_pb2.CompletionFinished) -> Sequence[Output]:
         charge = self.charge(event)
         request_id = event.envelope.request_id
+        usage = charge.usage
+        metrics.count_charge(
+            event.envelope.tenant, charge.model, charge.cost.nanos, charge.cost.currency,
+            usage.prompt_tokens, usage.completion_tokens,
+        )  # fmt: skip
         outputs = [Output(USAGE, charge, request_id)]
         if event.reply_to.topic:
             reply = events_pb2.ReplyEvent(

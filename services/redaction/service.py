@@ -19,6 +19,7 @@ from aiokafka import ConsumerRecord
 
 from services.gateway.auth import KeyStore
 from services.gateway.ingress import Ingress
+from services.redaction import metrics
 from services.redaction.analyzer import DeadlineExceeded, RedactionError, Redactor
 from services.redaction.boundary import (
     Boundary,
@@ -205,6 +206,8 @@ class RedactionService(Service):
                 request_id,
             )
         )
+        for entity_type, count in applied.entity_counts.items():
+            metrics.ENTITIES.labels(entity_type).inc(count)
         log.info("redacted", request_id=request_id, entities=sum(applied.entity_counts.values()))
         return outputs
 
