@@ -42,6 +42,8 @@ JOINED = "sluice-feedback-stats-joined"
 RATED = "sluice-feedback-stats-rated"
 INTERNAL_PARTITIONS = 3
 CLASSES = ("positive", "negative", "neutral")
+# faust names a table's changelog topic "<app id>-<table>-changelog".
+CHANGELOGS = (f"{APP_ID}-requests-changelog", f"{APP_ID}-counts-changelog")
 
 
 def rating_class(scale: int, rating: int) -> str | None:
@@ -164,18 +166,31 @@ class FeedbackStream:
         try:
             await asyncio.Event().wait()
         finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop faust completely: a half-stopped app keeps restarting its agents forever,
+        and the process then never exits on SIGTERM."""
+        try:
             await self.app.stop()
+        except Exception:
+            log.exception("feedback stream did not stop cleanly")
 
     async def _declare_internal_topics(self) -> None:
-        """Create the agents' topics before faust subscribes (the broker never auto-creates
-        them, and a consumer that starts before its topic exists sits idle for minutes)."""
+        """Create the agents' and tables' topics before faust starts: the broker never
+        auto-creates them, a consumer that starts before its topic exists sits idle for
+        minutes, and a changelog faust has not yet created crashes its table's agent."""
 
         async def create() -> None:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=APP_ID)
             await admin.start()
+            compact = {"cleanup.policy": "compact"}
+            wanted = [NewTopic(t, INTERNAL_PARTITIONS, 1) for t in (JOINED, RATED)] + [
+                NewTopic(changelog, INTERNAL_PARTITIONS, 1, topic_configs=compact) for changelog in CHANGELOGS
+            ]
             try:
                 existing = set(await admin.list_topics())
-                missing = [NewTopic(t, INTERNAL_PARTITIONS, 1) for t in (JOINED, RATED) if t not in existing]
+                missing = [t for t in wanted if t.name not in existing]
                 if missing:
                     await admin.create_topics(missing)
             except TopicAlreadyExistsError:

@@ -78,12 +78,11 @@ def demo(stack: Stack) -> str:
     return demo_key_file(stack.settings.state_dir).read_text().strip()
 
 
-@pytest.fixture(scope="module")
-def rival(stack: Stack, gateway: gateway_pb2_grpc.GatewayStub) -> str:
-    """A key of a second tenant, put on sluice.keys.v1 like `sluice keys create` does."""
+def new_key(stack: Stack, gateway: gateway_pb2_grpc.GatewayStub, tenant: str, role: str = "user") -> str:
+    """A key put on sluice.keys.v1 like `sluice keys create` does, once the gateway knows it."""
     key_id, key = keys.new_key()
     record = keys.key_record(
-        key_id=key_id, inner_digest=keys.digest(key), tenant=f"rival-{TAG}", description="feedback e2e"
+        key_id=key_id, inner_digest=keys.digest(key), tenant=tenant, role=role, description="feedback e2e"
     )
     asyncio.run(keys.publish(stack.settings.bootstrap, [record]))
 
@@ -97,6 +96,12 @@ def rival(stack: Stack, gateway: gateway_pb2_grpc.GatewayStub) -> str:
 
     poll("the gateway to know the new key", 60, known)
     return key
+
+
+@pytest.fixture(scope="module")
+def rival(stack: Stack, gateway: gateway_pb2_grpc.GatewayStub) -> str:
+    """A key of a second tenant."""
+    return new_key(stack, gateway, f"rival-{TAG}")
 
 
 def generate(gateway: gateway_pb2_grpc.GatewayStub, key: str, **fields: Any) -> str:
@@ -321,6 +326,16 @@ def test_stats_give_the_positive_ratio_per_model_template_version_and_variant(
     rows = [r for r in json.loads(listed.stdout)["stats"] if r.get("template_name") == name]
     assert sorted((r["variant"], r["positive_ratio"]) for r in rows) == [("v1", 1.0), ("v2", 0.0)]
 
+    # An auditor of another tenant may read demo's stats; a user key may not (see above).
+    auditor = new_key(stack, gateway, f"audit-{TAG}", role="auditor")
+    seen = gateway.GetFeedbackStats(
+        feedback_pb2.GetFeedbackStatsRequest(tenant="demo", model=MODEL), metadata=meta(auditor), timeout=10
+    )
+    assert {(s.template_version, s.variant) for s in seen.stats if s.template_name == name} == {
+        (1, "v1"),
+        (2, "v2"),
+    }
+
 
 def _healthy(target: str) -> bool:
     with grpc.insecure_channel(target) as channel:
@@ -357,7 +372,12 @@ def second_replica(stack: Stack) -> Iterator[str]:
         yield target
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            raise AssertionError("the second gateway replica did not drain within 60 s of SIGTERM") from None
 
 
 def test_any_replica_knows_the_owner_and_redaction_failure_fails_closed(
