@@ -96,6 +96,28 @@ POSTGRES = Dialect(
 )
 
 
+# Column types of each table, in order, for PostgreSQL's `unnest` batch inserts.
+PG_COLUMNS = {
+    "records": (
+        "bigint",
+        "bigint",
+        "text",
+        "text",
+        "text",
+        "bigint",
+        "text",
+        "text",
+        "text",
+        "text",
+        "text",
+        "bigint",
+        "bytea",
+    ),
+    "requests": ("text", "text", "bigint", "text", "text", "text", "text"),
+    "entities": ("text", "bigint", "bigint"),
+}
+
+
 def is_dsn(location: Path | str) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
@@ -192,16 +214,27 @@ class AuditStore:
         row = self._db.execute(self.dialect.sql(query), tuple(args)).fetchone()
         return None if row is None else tuple(row)
 
-    def _many(self, query: str, rows: Sequence[Sequence[object]]) -> int:
-        """Run `query` once per row; returns how many rows it changed."""
+    def _insert(self, table: str, rows: Sequence[Sequence[object]], on_conflict: str) -> int:
+        """Insert a batch; returns how many rows it changed.
+
+        SQLite: one executemany. PostgreSQL: one statement over `unnest` of one array
+        per column, since a round trip per row caps the indexer near 700 records/s.
+        """
         if not rows:
             return 0
         if isinstance(self._db, sqlite3.Connection):
             before = self._db.total_changes
-            self._db.executemany(query, rows)
+            self._db.executemany(
+                f"INSERT INTO {table} VALUES ({','.join('?' * len(rows[0]))}) {on_conflict}", rows
+            )
             return self._db.total_changes - before
+        types = PG_COLUMNS[table]
+        arrays = ", ".join(f"%s::{kind}[]" for kind in types)
         with self._db.cursor() as cursor:
-            cursor.executemany(self.dialect.sql(query), rows)
+            cursor.execute(
+                f"INSERT INTO {table} SELECT * FROM unnest({arrays}) {on_conflict}",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
             return max(cursor.rowcount, 0)
 
     # -- writing (the indexer only) ------------------------------------------------
@@ -215,6 +248,8 @@ class AuditStore:
         Rows are prepared in Python and written with one executemany per table:
         per-row statements would cap the indexer near 4,000 records/s.
         """
+        rows = list(rows)
+        self._load_who({r.request_id for _, r in rows if r.request_id and r.request_id not in self._who})
         requests: list[tuple[object, ...]] = []
         records: list[tuple[object, ...]] = []
         entities: list[tuple[str, int, int]] = []
@@ -251,29 +286,32 @@ class AuditStore:
                 if key.startswith("entities.") and n.isdigit()
             )
         with self._transaction():
-            added = self._many(
-                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", records
-            )
-            self._many(
-                "INSERT INTO requests VALUES (?,?,?,?,?,?,?) ON CONFLICT (request_id) DO UPDATE SET "
+            added = self._insert("records", _first_per_key(records), "ON CONFLICT DO NOTHING")
+            self._insert(
+                "requests",
+                _last_per_request(requests),
+                "ON CONFLICT (request_id) DO UPDATE SET "
                 '"user" = excluded."user", model = excluded.model, template = excluded.template, '
                 "template_version = excluded.template_version",
-                _last_per_request(requests),
             )
-            self._many("INSERT INTO entities VALUES (?,?,?) ON CONFLICT DO NOTHING", entities)
+            self._insert("entities", _first_per_key(entities, 2), "ON CONFLICT DO NOTHING")
         return added
+
+    def _load_who(self, request_ids: set[str]) -> None:
+        """Read the who of a batch's requests not in memory in a few queries, not one per request."""
+        wanted = sorted(request_ids)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            for row in self._rows(
+                'SELECT request_id, "user", model, template, template_version FROM requests '
+                f"WHERE request_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                self._who[str(row[0])] = (str(row[1]), str(row[2]), str(row[3]), str(row[4]))
 
     def _remember(self, request_id: str, who: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
         """Merge what this record says about its request with what earlier records said."""
-        known = self._who.get(request_id)
-        if known is None:
-            row = self._one(
-                'SELECT "user", model, template, template_version FROM requests WHERE request_id = ?',
-                (request_id,),
-            )
-            known = (
-                (str(row[0]), str(row[1]), str(row[2]), str(row[3])) if row is not None else ("", "", "", "")
-            )
+        known = self._who.get(request_id, ("", "", "", ""))
         merged = (known[0] or who[0], known[1] or who[1], known[2] or who[2], known[3] or who[3])
         self._who[request_id] = merged
         self._who.move_to_end(request_id)
@@ -418,6 +456,14 @@ class AuditStore:
 def _record(body: object) -> events_pb2.AuditRecord:
     assert isinstance(body, bytes | memoryview), "records.body is BLOB (SQLite) or BYTEA (PostgreSQL)"
     return events_pb2.AuditRecord.FromString(bytes(body))
+
+
+def _first_per_key(rows: list[tuple[Any, ...]], width: int = 1) -> list[tuple[Any, ...]]:
+    """Rows with a primary key seen earlier in the batch dropped (one statement may not insert it twice)."""
+    unique: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for row in rows:
+        unique.setdefault(row[:width], row)
+    return list(unique.values())
 
 
 def _last_per_request(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:

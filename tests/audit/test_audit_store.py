@@ -230,3 +230,17 @@ def test_a_request_missing_a_stage_raises_one_alert_and_sets_the_gauge(store: Au
     assert watch.check(now) == []  # alerted once; the gauge still counts it
     assert REGISTRY.get_sample_value("sluice_audit_incomplete_requests") == 1
     assert watch.check(T0 + 5_000 + 300_000) == []  # req7 is not yet past the grace period
+
+
+def test_a_later_batch_in_a_new_process_still_carries_the_requests_user(location: Path | str) -> None:
+    first, second = lifecycle("late", "demo", "erin", T0)[:2], lifecycle("late", "demo", "erin", T0)[2:]
+    store = AuditStore(location)
+    store.add_many([(0, first[0]), (1, first[1])])
+    store.close()
+    reopened = AuditStore(location)  # empty who-cache: the user must come from the index
+    try:
+        reopened.add_many([(2 + i, record) for i, record in enumerate(second)])
+        rows, _ = reopened.query(QueryFilter(tenant="demo", user="erin", stage="charged"))
+        assert [r.request_id for _, r in rows] == ["late"]
+    finally:
+        reopened.close()
