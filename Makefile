@@ -108,6 +108,12 @@ bench-inference: $(STAMP) kafka-jars
 	$(PY) -m loadtest.bench_inference
 BENCHES += bench-inference
 
+# Inference engines: the same mix in process (llama.cpp) vs remote (OpenAI engine over llama_cpp.server).
+.PHONY: bench-engines
+bench-engines: $(STAMP)
+	$(PY) -m loadtest.bench_engines
+BENCHES += bench-engines
+
 # Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
 # above this line and appends it to BENCHES; `make bench` runs them all.
 BENCHES ?=
