@@ -123,6 +123,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 "idempotency_key: a request with this key is still in progress",
             )
+        if request.idempotency_key and self._submitted_elsewhere(request_id):
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"idempotency_key: request {request_id} was already submitted through another gateway "
+                "replica or before a restart; it is not run twice",
+            )
         if self._streams >= self.settings.gateway_max_streams:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -157,6 +163,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.budgets.record_tokens(caller.key_id, call.tokens, datetime.now(UTC))
         if request.idempotency_key:
             self._remember(request_id, sent)
+
+    def _submitted_elsewhere(self, request_id: str) -> bool:
+        """Known on sluice.requests.v1 but neither replayable nor re-runnable here.
+
+        Its answer went to another replica's reply partition, and re-publishing it would
+        be dropped downstream as a duplicate (same request_id and attempt): say so at once
+        instead of letting the retry wait for a reply that never comes.
+        """
+        if request_id in self._attempts or self.feedback is None:
+            return False
+        return self.feedback.index.lookup(request_id) is not None
 
     def _cancel(self, runtime: Runtime, call: Call) -> None:
         """Tell every stage the caller went away (sluice.control.v1), without blocking the unwind."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -160,3 +163,27 @@ def test_an_overloaded_gateway_is_unavailable_at_once(narrow_gateway: Stack, dem
         call.cancel()
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert (error.details() or "").startswith("gateway overloaded:")
+
+
+def test_an_idempotent_retry_on_another_replica_is_refused_not_run_twice(
+    channel: grpc.Channel, narrow_gateway: Stack, demo_key: str
+) -> None:
+    idem = uuid.uuid4().hex
+    first, call = first_of(channel, demo_key, request(max_tokens=2, idempotency_key=idem))
+    call.cancel()
+    index = narrow_gateway.settings.state_dir / "gateway" / "requests-1.sqlite"
+
+    def indexed() -> bool:
+        if not index.exists():
+            return False
+        with contextlib.closing(sqlite3.connect(index)) as db:
+            return (
+                db.execute("SELECT 1 FROM requests WHERE request_id = ?", (first.request_id,)).fetchone()
+                is not None
+            )
+
+    eventually("the other replica's request index", indexed, 60)
+    with grpc.insecure_channel(narrow_gateway.settings.grpc_target("gateway")) as ch:
+        error = admission(ch, demo_key, request(max_tokens=2, idempotency_key=idem))
+    assert error is not None and error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (error.details() or "").startswith(f"idempotency_key: request {first.request_id}")
