@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ def llama_cpp_server(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # its log is read by tests
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
