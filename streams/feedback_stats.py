@@ -161,9 +161,10 @@ class FeedbackStream:
     async def run(self) -> None:
         """Run embedded in the gateway process until cancelled."""
         await self._declare_internal_topics()
-        await self.app.start()
-        log.info("feedback stream started", app=APP_ID)
         try:
+            # Inside the try: a SIGTERM during start must still stop what has started.
+            await self.app.start()
+            log.info("feedback stream started", app=APP_ID)
             await asyncio.Event().wait()
         finally:
             await self.stop()

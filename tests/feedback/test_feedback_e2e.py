@@ -386,8 +386,18 @@ def test_any_replica_knows_the_owner_and_redaction_failure_fails_closed(
     with grpc.insecure_channel(second_replica) as channel:
         other = gateway_pb2_grpc.GatewayStub(channel)
         request_id = rated["request_id"]
-        # Served by the first replica, rated through the second.
-        feedback_id = rate(other, demo, request_id, scale=STARS, rating=4)
+
+        # Served by the first replica, rated through the second (once its index has read the
+        # history: until then it answers UNAVAILABLE "catching up", as documented).
+        def rated_there() -> str | None:
+            try:
+                return rate(other, demo, request_id, scale=STARS, rating=4)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert "catching up" in (exc.details() or ""), exc
+                return None
+
+        feedback_id = poll("the second replica's request index", 120, rated_there)
         assert refused(lambda: rate(other, rival, request_id, rating=1)).code() == grpc.StatusCode.NOT_FOUND
 
         secret = f"closed.{TAG}@example.org"
