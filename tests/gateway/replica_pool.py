@@ -60,7 +60,7 @@ class ReplicaPool:
         self._wait_serving(replica)
         return replica
 
-    def _wait_serving(self, replica: Replica, timeout: float = 180) -> None:
+    def _wait_serving(self, replica: Replica, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(replica.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
