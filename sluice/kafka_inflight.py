@@ -169,8 +169,10 @@ class InFlightConsumer:
                 *interactive, timeout_ms=20 if background else 200, max_records=free
             )
         if background and not batches and not await self._interactive_waiting(consumer, interactive):
-            _set_paused(consumer, assigned, set())  # spare capacity, nothing interactive waiting
-            batches = await consumer.getmany(*background, timeout_ms=200, max_records=free)
+            # Spare capacity and nothing interactive waiting: wait on every partition, so an
+            # interactive prompt arriving now is not held up behind an idle batch topic.
+            _set_paused(consumer, assigned, set())
+            batches = await consumer.getmany(timeout_ms=200, max_records=free)
         for records in batches.values():
             for record in records:
                 self._dispatch(record)
