@@ -369,7 +369,8 @@ def dead_letter(
     payload = record.value or b""
     letter = events_pb2.DeadLetter(
         envelope=envelopes.new_envelope(
-            request_id=request_id or f"dlq-{record.topic}-{record.partition}-{record.offset}",
+            # Several groups may dead-letter one record: the group keeps their ids (and audit) apart.
+            request_id=request_id or f"dlq-{group_id}-{record.topic}-{record.partition}-{record.offset}",
             tenant=env.tenant if env is not None and env.tenant else "unknown",
             attempt=max(env.attempt, 1) if env is not None else 1,
             producer=service,
