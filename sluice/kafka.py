@@ -210,6 +210,10 @@ class EventConsumer:
     # one per record, for consumers whose throughput matters (the metering ledger).
     batch_transactions: bool = False
     max_records: int = 100
+    # Run the handlers of one poll concurrently, for handlers that batch their work (redaction
+    # joins the poll's texts into one nlp.pipe batch). Outputs are still produced in poll order,
+    # each record dead-letters on its own, and a redelivery within the poll is still dropped.
+    concurrent: bool = False
     _consumer: AIOKafkaConsumer | None = None
     _pending: list[Output] = field(default_factory=list)
     _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -225,10 +229,13 @@ class EventConsumer:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
                 # Across partitions, handle in event-time order (each partition's order kept),
                 # so a request's stages are seen in the order they happened.
-                handled: dict[TopicPartition, int] = {}
-                for record in heapq.merge(*batches.values(), key=lambda r: r.timestamp):
-                    await self._handle(record)
-                    handled[TopicPartition(record.topic, record.partition)] = record.offset + 1
+                records = list(heapq.merge(*batches.values(), key=lambda r: r.timestamp))
+                if self.concurrent:
+                    await self._handle_together(records)
+                else:
+                    for record in records:
+                        await self._handle(record)
+                handled = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
                 # One commit per poll, after every record's outputs are acknowledged: a crash
                 # re-delivers at most this poll, which the (request_id, attempt) dedupe absorbs.
                 await self._commit(handled)
@@ -253,7 +260,30 @@ class EventConsumer:
         )
         return await started(consumer)
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _handle_together(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Every handler at once; each record's outputs wait for the previous record's."""
+        produced = [asyncio.Event() for _ in records]
+
+        async def handle(i: int, record: ConsumerRecord[bytes, bytes]) -> None:
+            try:
+                await self._handle(record, produced[i - 1].wait if i else None)
+            finally:
+                produced[i].set()
+
+        await asyncio.gather(*(handle(i, record) for i, record in enumerate(records)))
+
+    def _duplicate(self, record: ConsumerRecord[bytes, bytes], env: Any) -> bool:
+        if not self._recent.seen(dedupe_key(record, env)):
+            return False
+        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
+        log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
+        return True
+
+    async def _handle(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        turn: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         started = time.perf_counter()
         outputs: Sequence[Output]
         event: Message | None = None
@@ -269,9 +299,7 @@ class EventConsumer:
                         envelopes.validate(env)
                     except ValueError as exc:
                         raise BadEvent(str(exc)) from None
-                    if self._recent.seen(dedupe_key(record, env)):
-                        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
-                        log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
+                    if self._duplicate(record, env):
                         return
                 outputs = await self.handler(event, record)
             except BadEvent as exc:
@@ -286,8 +314,12 @@ class EventConsumer:
                 reason = f"{self.service} failed: {type(exc).__name__}"
                 outputs = self._dead_letter(record, event, reason, "INTERNAL")
             outputs = tracing.traced_outputs(outputs, outcome)
-            await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
             env = getattr(event, "envelope", None)
+            if turn is not None:
+                await turn()  # handled concurrently: produce in poll order
+                if env is not None and env.request_id and self._duplicate(record, env):
+                    return  # the same event came twice in one poll
+            await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
             if env is not None and env.request_id:
                 self._recent.remember(dedupe_key(record, env))
             metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()

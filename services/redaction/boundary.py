@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.redaction.analyzer import DeadlineExceeded, Finding, Job, RedactionError, Redactor
+from services.redaction.analyzer import DeadlineExceeded, Finding, Job, RedactionError, Redactor, is_short
 from services.redaction.operators import Applied, apply_policy, render
 from services.redaction.policy import (
     PolicyBook,
@@ -65,7 +65,10 @@ class MicroBatcher:
     """Joins concurrent requests into one nlp.pipe batch: spaCy is far cheaper per text in batches.
 
     A batch starts as soon as the analyzer is free; requests arriving while it
-    works wait for the next batch, so an idle service adds no delay.
+    works wait for the next batch, so an idle service adds no delay. One request
+    never fails the others: a job with a long text (analyzed window by window
+    anyway, so batching gains nothing) runs on its own under its own deadline,
+    and when a shared batch fails, each of its jobs is retried alone.
     """
 
     redactor: Redactor
@@ -94,27 +97,45 @@ class MicroBatcher:
                     continue  # its caller already gave up at the deadline
                 batch.append(pending)
                 size += len(pending.job.texts)
-            if not batch:
+            shared = [p for p in batch if is_short(p.job)]
+            if shared and not await self._run(shared) and len(shared) > 1:
+                for p in shared:
+                    await self._run([p])
+            for p in batch:
+                if not is_short(p.job):
+                    await self._run([p])
+
+    async def _run(self, batch: list[_Pending]) -> bool:
+        """Analyze `batch` together and settle its futures; False if a retry alone may help."""
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return True
+        try:
+            results = await asyncio.to_thread(
+                self.redactor.find_many,
+                [p.job for p in batch],
+                deadline=max(p.deadline for p in batch),
+            )
+        except DeadlineExceeded as exc:  # past the latest deadline, so past every one
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return True
+        except Exception as exc:  # fails closed; alone, the others may still succeed
+            if len(batch) > 1:
+                return False
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return True
+        finished = time.monotonic()
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
                 continue
-            try:
-                results = await asyncio.to_thread(
-                    self.redactor.find_many,
-                    [p.job for p in batch],
-                    deadline=max(p.deadline for p in batch),
-                )
-            except Exception as exc:  # every waiting request fails closed with the same reason
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            finished = time.monotonic()
-            for p, result in zip(batch, results, strict=True):
-                if p.future.done():
-                    continue
-                if finished > p.deadline:
-                    p.future.set_exception(DeadlineExceeded("deadline: PII analysis did not finish in time"))
-                else:
-                    p.future.set_result(result)
+            if finished > p.deadline:
+                p.future.set_exception(DeadlineExceeded("deadline: PII analysis did not finish in time"))
+            else:
+                p.future.set_result(result)
+        return True
 
 
 @dataclass

@@ -40,6 +40,9 @@ from sluice.v1 import envelope_pb2, events_pb2, privacy_pb2, redaction_pb2, reda
 
 log = get_logger()
 
+# Requests taken per poll and analyzed together (the micro-batcher splits at 128 texts).
+POLL_BATCH = 64
+
 
 def check_request(event: events_pb2.GenerationRequested) -> None:
     """Kafka producers skip the gateway's checks, so the boundary repeats the essential ones."""
@@ -133,7 +136,13 @@ class RedactionService(Service):
         policy_group = f"sluice-redaction-policies-{socket.gethostname()}-{os.getpid()}"
         return [
             # Kafka ingress: only authenticated, checked requests reach `handle` (docs/ingress.md).
-            runtime.consumer([REQUESTS], Ingress.from_settings(self.settings).guard(self.handle)),
+            # One poll's requests are handled together, so their texts share one nlp.pipe batch.
+            runtime.consumer(
+                [REQUESTS],
+                Ingress.from_settings(self.settings).guard(self.handle),
+                concurrent=True,
+                max_records=POLL_BATCH,
+            ),
             runtime.consumer([POLICIES], self.handle_policy, group_id=policy_group),
         ]
 
