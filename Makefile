@@ -61,7 +61,7 @@ down: $(STAMP)
 	$(SLUICE) down
 
 status: $(STAMP)
-	$(SLUICE) status
+	$(SLUICE) status --once
 
 clean: down
 	rm -rf .sluice
@@ -113,6 +113,18 @@ BENCHES += bench-inference
 bench-engines: $(STAMP)
 	$(PY) -m loadtest.bench_engines
 BENCHES += bench-engines
+
+# Deployment: the chart reads copies of the topic plan, rules and dashboard (helm cannot
+# read outside the chart); ops-check runs helm lint/template + kubeconform, promtool,
+# hadolint (tests/ops, also part of `make test`; Go tools cached in ~/.cache/sluice/bin).
+.PHONY: helm-sync ops-check
+helm-sync:
+	cp schemas/topics.yaml helm/sluice/files/topics.yaml
+	cp monitoring/prometheus/sluice-rules.yaml helm/sluice/files/sluice-rules.yaml
+	cp monitoring/grafana/sluice-overview.json helm/sluice/files/sluice-overview.json
+
+ops-check: $(STAMP) kafka-jars
+	$(PY) -m pytest -q tests/ops
 
 # Benchmarks are not part of `make test`. Each adds its own `bench-<area>` target
 # above this line and appends it to BENCHES; `make bench` runs them all.
