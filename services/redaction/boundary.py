@@ -22,10 +22,12 @@ from services.redaction.policy import (
     load_policy_file,
     parse_policy_yaml,
 )
+from services.redaction.policy_follower import PolicyFollower
 from services.redaction.streaming import StreamRedactor
 from services.redaction.vault import Keyring, keyring_from_settings
 from sluice.config import Settings
 from sluice.kafka import RequestFailed
+from sluice.v1 import privacy_pb2
 
 __all__ = ["Boundary", "DeadlineExceeded", "InvalidText", "MicroBatcher", "PolicyError", "RedactionError"]
 
@@ -147,6 +149,8 @@ class Boundary:
     max_text_bytes: int
     deadline_s: float
     redactor: Redactor | None = None
+    # The reader keeping `policies` current (load_output_boundary); cancelling it stops that.
+    following: asyncio.Task[None] | None = None
     _batcher: MicroBatcher | None = None
 
     def loaded(self, redactor: Redactor) -> None:
@@ -168,9 +172,22 @@ class Boundary:
             raise RedactionError("redaction model is not loaded")
         return self.redactor
 
-    def findings_now(self, tenant: str, text: str) -> list[Finding]:
-        """Findings in one text under the tenant's policy, synchronously."""
-        policy = self.policy(tenant)
+    def apply_update(self, update: privacy_pb2.PolicyUpdate) -> TenantPolicy | None:
+        """A run-time change from sluice.policies.v1; an empty policy drops the tenant's override.
+
+        Raises PolicyError naming the field, and the policy in force stays.
+        """
+        if not update.tenant:
+            raise PolicyError("tenant: must not be empty")
+        if not update.policy_yaml.strip():
+            self.policies.override(update.tenant, None)
+            return None
+        policy = parse_tenant_policy(update.policy_yaml, update.tenant)
+        self.policies.override(update.tenant, policy)
+        return policy
+
+    def findings_now(self, policy: TenantPolicy, text: str) -> list[Finding]:
+        """Findings in one text under `policy`, synchronously."""
         redactor = self._require_model()
         deadline = time.monotonic() + self.deadline_s
         return redactor.find_many([job_for([text], policy)], language=policy.language, deadline=deadline)[0][
@@ -262,22 +279,37 @@ def output_redactor(boundary: Boundary, tenant: str, holdback_chars: int) -> Str
 
     Placeholders in output are unnumbered (<PERSON>): numbers belong to the
     request's input, and a new <PERSON_1> would be "restored" to someone else.
+    The policy in force when the stream starts holds for all of it, so one
+    answer is redacted one way; a change applies from the next stream on.
     """
     policy = boundary.policy(tenant)
     salt = boundary.keyring.hash_salt(tenant)
     return StreamRedactor(
-        lambda text: boundary.findings_now(tenant, text),
+        lambda text: boundary.findings_now(policy, text),
         lambda kind, value: render(kind, value, policy, salt, None),
         holdback_chars,
     )
 
 
 async def load_output_boundary(settings: Settings) -> Boundary | None:
-    """For the inference worker: the boundary with its own analyzer, unless output redaction is off."""
+    """For the inference worker: the boundary with its own analyzer, unless output redaction is off.
+
+    Its policies follow sluice.policies.v1 as the redaction service's do: read to
+    the end before this returns, then kept current by `boundary.following`, a
+    task of the running loop (the loop's shutdown cancels it).
+    """
     if not settings.output_redaction:
         return None
     boundary = boundary_from_settings(settings)
     boundary.loaded(await asyncio.to_thread(Redactor))
+    follower = PolicyFollower(settings.bootstrap, boundary.apply_update)
+    boundary.following = asyncio.create_task(follower.run(), name="output-redaction-policies")
+    caught_up = asyncio.create_task(follower.caught_up.wait())
+    await asyncio.wait([boundary.following, caught_up], return_when=asyncio.FIRST_COMPLETED)
+    if not caught_up.done():
+        caught_up.cancel()
+        boundary.following.result()  # raises what stopped the reader
+        raise RedactionError("output redaction: the policy reader stopped before it caught up")
     return boundary
 
 

@@ -26,7 +26,6 @@ from services.redaction.boundary import (
     InvalidText,
     boundary_from_settings,
     output_redactor,
-    parse_tenant_policy,
 )
 from services.redaction.policy import POLICIES, PolicyError
 from sluice import envelope as envelopes
@@ -149,18 +148,14 @@ class RedactionService(Service):
     async def handle_policy(
         self, event: privacy_pb2.PolicyUpdate, record: ConsumerRecord[bytes, bytes]
     ) -> Sequence[Output]:
-        if not event.tenant:
-            raise BadEvent("tenant: must not be empty")
-        if not event.policy_yaml.strip():
-            self.boundary.policies.override(event.tenant, None)
-            log.info("policy override removed", tenant=event.tenant)
-            return ()
         try:
-            policy = parse_tenant_policy(event.policy_yaml, event.tenant)
+            policy = self.boundary.apply_update(event)
         except PolicyError as exc:
             raise BadEvent(str(exc)) from None
-        self.boundary.policies.override(event.tenant, policy)
-        log.info("policy applied", tenant=event.tenant, version=policy.version)
+        if policy is None:
+            log.info("policy override removed", tenant=event.tenant)
+        else:
+            log.info("policy applied", tenant=event.tenant, version=policy.version)
         return ()
 
     async def handle(
