@@ -118,16 +118,6 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    rows = Stack(settings).status()
-    if args.json:
-        print_json(rows)
-    else:
-        for name, state in rows.items():
-            print(f"{name:<10} {state}")
-    return 0 if all(not s.startswith("stopped") for s in rows.values()) else 3
-
-
 def cmd_topics_apply(settings: Settings, args: argparse.Namespace) -> int:
     report = Stack(settings).apply_topics()
     if args.json:
@@ -232,6 +222,7 @@ EXTENSIONS: tuple[str, ...] = (
     "sluice.cli_keys",
     "sluice.cli_feedback",
     "sluice.cli_ingress",
+    "sluice.cli_status",
 )
 
 
@@ -244,7 +235,6 @@ def _parser() -> argparse.ArgumentParser:
     add("up", cmd_up, "start the local stack in the background")
     add("run", cmd_run, "start the local stack in the foreground (Ctrl-C stops it)")
     add("down", cmd_down, "stop the local stack")
-    add("status", cmd_status, "show what is running")
     add(
         "apply",
         cmd_topics_apply,
