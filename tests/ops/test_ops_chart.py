@@ -13,6 +13,8 @@ import yaml
 from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
 from tests.ops.conftest import CHART, KUBE_VERSION, VALUE_SETS, Render, of_kind, run
 
+# The first run builds the Go tools (go install; minutes on a busy machine): allow for it.
+pytestmark = pytest.mark.timeout(3600)
 # Custom resources: kubeconform has no schema for them offline; their shape is tested below.
 CRD_KINDS = ("ScaledObject", "TriggerAuthentication", "KafkaTopic", "ServiceMonitor", "PrometheusRule")
 PLAN = yaml.safe_load((REPO_ROOT / "schemas" / "topics.yaml").read_text())

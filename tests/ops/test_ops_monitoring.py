@@ -20,6 +20,8 @@ import streams
 from sluice.config import REPO_ROOT
 from tests.ops.conftest import run
 
+# The first run builds the Go tools (go install; minutes on a busy machine): allow for it.
+pytestmark = pytest.mark.timeout(3600)
 RULES = REPO_ROOT / "monitoring" / "prometheus" / "sluice-rules.yaml"
 RULE_TESTS = REPO_ROOT / "monitoring" / "prometheus" / "sluice-rules.test.yaml"
 DASHBOARD = REPO_ROOT / "monitoring" / "grafana" / "sluice-overview.json"
