@@ -4,7 +4,7 @@
 # fresh clone on the same machine (CI) reuses them. Later runs are no-ops.
 # Usage: tools/go_tools.sh [BIN_DIR [TOOL...]]
 #   BIN_DIR defaults to $SLUICE_GO_BIN or ~/.cache/sluice/bin; TOOL to all of them.
-# First build on 2 busy cores: helm 21.6 min, kubeconform 1.3 min (see docs/operations.md).
+# First build on 2 busy cores: helm 21.6 min, kubeconform 1.3 min, promtool 77 min (docs/operations.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR="$(realpath -m "${1:-${SLUICE_GO_BIN:-$HOME/.cache/sluice/bin}}")"
