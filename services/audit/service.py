@@ -26,6 +26,7 @@ from prometheus_client import Gauge
 
 from services.audit import chain
 from services.audit.access import Denied, identify, scoped_tenant
+from services.audit.chain_watch import ChainWatch
 from services.audit.filters import (
     InvalidArgument,
     check_stage,
@@ -480,6 +481,10 @@ class AuditService(Service):
             self._outputs_task,
             asyncio.create_task(watch.run(lambda: self._producer), name="audit-completeness"),
             asyncio.create_task(sweep.run(), name="audit-retention"),
+            asyncio.create_task(
+                ChainWatch(self.store.path, self.settings.audit_completeness_interval_s).run(),
+                name="audit-chain-watch",
+            ),
         ]
 
     async def connect(self, runtime: Runtime) -> Sequence[EventConsumer]:
