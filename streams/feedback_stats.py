@@ -17,22 +17,20 @@ A faust-streaming app with exactly-once processing, embedded in the gateway:
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import faust
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin import NewTopic
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
 
 from sluice.config import Settings
-from sluice.kafka import with_backoff
 from sluice.logs import get_logger
 from sluice.topics import COMPLETIONS, FEEDBACK, PROMPTS
 from sluice.v1 import events_pb2, feedback_pb2
+from streams.embedded import changelogs, declare_topics, run_until_cancelled
 
 log = get_logger()
 
@@ -160,46 +158,10 @@ class FeedbackStream:
 
     async def run(self) -> None:
         """Run embedded in the gateway process until cancelled."""
-        await self._declare_internal_topics()
-        try:
-            # Inside the try: a SIGTERM during start must still stop what has started.
-            await self.app.start()
-            log.info("feedback stream started", app=APP_ID)
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        """Stop faust completely: a half-stopped app keeps restarting its agents forever,
-        and the process then never exits on SIGTERM."""
-        try:
-            await self.app.stop()
-        except Exception:
-            log.exception("feedback stream did not stop cleanly")
-
-    async def _declare_internal_topics(self) -> None:
-        """Create the agents' and tables' topics before faust starts: the broker never
-        auto-creates them, a consumer that starts before its topic exists sits idle for
-        minutes, and a changelog faust has not yet created crashes its table's agent."""
-
-        async def create() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=APP_ID)
-            await admin.start()
-            compact = {"cleanup.policy": "compact"}
-            wanted = [NewTopic(t, INTERNAL_PARTITIONS, 1) for t in (JOINED, RATED)] + [
-                NewTopic(changelog, INTERNAL_PARTITIONS, 1, topic_configs=compact) for changelog in CHANGELOGS
-            ]
-            try:
-                existing = set(await admin.list_topics())
-                missing = [t for t in wanted if t.name not in existing]
-                if missing:
-                    await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another gateway replica won the race
-            finally:
-                await admin.close()
-
-        await with_backoff("feedback stream topics", "gateway", create)
+        internal = [NewTopic(t, INTERNAL_PARTITIONS, 1) for t in (JOINED, RATED)]
+        tables = changelogs(APP_ID, ("requests", "counts"), INTERNAL_PARTITIONS)
+        await declare_topics(self.bootstrap, "gateway", APP_ID, [*internal, *tables])
+        await run_until_cancelled(self.app)
 
     async def _route(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():

@@ -23,15 +23,13 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import faust
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin import NewTopic
 from faust.tables.manager import TableManager
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from sluice.config import Settings
-from sluice.kafka import with_backoff
 from sluice.logs import get_logger
 from sluice.topics import BUDGETS, USAGE
 from sluice.v1 import billing_pb2, events_pb2
@@ -45,6 +43,7 @@ from streams.budget_rules import (
     timestamp,
     window,
 )
+from streams.embedded import changelogs, declare_topics, run_until_cancelled
 from streams.periods import PERIODS, Period, window_start
 
 log = get_logger()
@@ -54,6 +53,7 @@ POLICIES = "sluice.budget-policies.v1"
 ALERTS = "sluice.budget-alerts.v1"
 SCOPED = "sluice-metering-budgets-scoped"
 SCOPED_PARTITIONS = 3
+TABLE_PARTITIONS = 3
 # Thresholds crossed, for the "hard budget reached" alert (threshold="100").
 BUDGET_ALERTS = Counter(
     "sluice_budget_alerts_total", "Budget thresholds crossed (80 and 100 percent)", ["tenant", "threshold"]
@@ -105,7 +105,7 @@ class BudgetStream:
             web_enabled=False,
             autodiscover=False,
             topic_replication_factor=1,
-            topic_partitions=3,
+            topic_partitions=TABLE_PARTITIONS,
             broker_commit_interval=settings.metering_budget_commit_s,
             consumer_auto_offset_reset="earliest",
         )
@@ -128,38 +128,20 @@ class BudgetStream:
 
     async def run(self) -> None:
         """Run embedded in the metering process until cancelled."""
-        await self._declare_scoped_topic()
-        await self.app.start()
-        log.info("budget stream started", app=APP_ID)
-        try:
-            # Budgets are only right once the tables are rebuilt from their changelogs.
-            await cast(TableManager, self.app.tables).recovery.completed.wait()
-            self.ready.set()
-            log.info("budget stream ready", app=APP_ID)
-            await asyncio.Event().wait()
-        finally:
-            await self.app.stop()
+        scoped = NewTopic(SCOPED, SCOPED_PARTITIONS, 1)
+        tables = changelogs(APP_ID, ("windows", "policies"), TABLE_PARTITIONS)
+        await declare_topics(self.bootstrap, "metering", APP_ID, [scoped, *tables])
+        started = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(run_until_cancelled(self.app, started))
+            group.create_task(self._become_ready(started))
 
-    async def _declare_scoped_topic(self) -> None:
-        """Create the internal topic before faust subscribes to it.
-
-        The broker does not auto-create topics, and when faust's own declaration loses
-        the race with its consumer, the consumer keeps stale metadata for five minutes
-        and the stream sits idle ("Stream has not started processing").
-        """
-
-        async def create() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-metering-budgets")
-            await admin.start()
-            try:
-                if SCOPED not in await admin.list_topics():
-                    await admin.create_topics([NewTopic(SCOPED, SCOPED_PARTITIONS, 1)])
-            except TopicAlreadyExistsError:
-                pass  # another metering replica won the race
-            finally:
-                await admin.close()
-
-        await with_backoff("budget stream topics", "metering", create)
+    async def _become_ready(self, started: asyncio.Event) -> None:
+        # Budgets are only right once the tables are rebuilt from their changelogs.
+        await started.wait()
+        await cast(TableManager, self.app.tables).recovery.completed.wait()
+        self.ready.set()
+        log.info("budget stream ready", app=APP_ID)
 
     async def _route(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
