@@ -15,7 +15,7 @@ import hashlib
 import heapq
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -219,6 +219,7 @@ class EventConsumer:
     _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     _recent: RecentKeys = field(default_factory=RecentKeys)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _own_producer: bool = False  # replaced the runtime's broken producer, so we must stop ours
 
     async def run(self) -> None:
         consumer = await with_backoff(f"consumer {self.group_id}", self.service, self._start)
@@ -243,6 +244,8 @@ class EventConsumer:
                     await with_backoff("produce", self.service, self._produce_batch)
         finally:
             await consumer.stop()
+            if self._own_producer:
+                await self.producer.stop()
 
     async def stop(self) -> None:
         """Finish the record in hand, commit it, and leave the group."""
@@ -335,7 +338,7 @@ class EventConsumer:
             self._pending.extend(outputs)  # produced with the rest of the poll in `_produce_batch`
             self._pending_offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
         elif self.transactional:
-            async with self.producer.transaction():
+            async with self._transaction():
                 await self._send_all(outputs)
                 tp = TopicPartition(record.topic, record.partition)
                 await self.producer.send_offsets_to_transaction({tp: record.offset + 1}, self.group_id)
@@ -344,11 +347,40 @@ class EventConsumer:
 
     async def _produce_batch(self) -> None:
         """One transaction for a whole poll: every output and every input offset, or none."""
-        async with self.producer.transaction():
+        async with self._transaction():
             await self._send_all(self._pending)
             await self.producer.send_offsets_to_transaction(self._pending_offsets, self.group_id)
         self._pending.clear()
         self._pending_offsets.clear()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """A transaction; a producer that a failure left unusable is replaced before the retry.
+
+        aiokafka can leave a transactional producer failing every later transaction (e.g.
+        OutOfOrderSequenceNumber after a leader change), so retrying with it would stall the
+        consumer for good. A new producer with the same transactional id fences the old one
+        and aborts its open transaction, so nothing is produced twice.
+        """
+        try:
+            async with self.producer.transaction():
+                yield
+        except KafkaError as exc:
+            if not isinstance(exc, KafkaConnectionError):
+                await self._renew_producer(exc)
+            raise
+
+    async def _renew_producer(self, exc: KafkaError) -> None:
+        manager = getattr(self.producer, "_txn_manager", None)  # aiokafka keeps the id only there
+        if manager is None or not manager.transactional_id:
+            return
+        log.warning("transactional producer failed; starting a fresh one", error=type(exc).__name__)
+        broken, self.producer = self.producer, await start_producer(
+            self.bootstrap, self.service, manager.transactional_id
+        )
+        self._own_producer = True
+        with contextlib.suppress(Exception):
+            await broken.stop()
 
     async def _send_all(self, outputs: Sequence[Output]) -> None:
         await send_all(self.producer, self.service, outputs)
