@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from aiokafka.errors import KafkaError
 from google.protobuf.message import Message
 
 from sluice import envelope as envelopes
-from sluice import metrics
+from sluice import metrics, tracing
 from sluice.kafka import (
     Handler,
     Output,
@@ -207,8 +208,11 @@ class InFlightConsumer:
 
     async def _run_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
         began = time.perf_counter()
-        event, outputs, outcome = await self._outputs_for(record)
-        await with_backoff("produce", self.service, lambda: send_all(self.producer, self.service, outputs))
+        with contextlib.ExitStack() as scope:
+            event, outputs, outcome = await self._outputs_for(record, scope)
+            outputs = tracing.traced_outputs(outputs, outcome)
+            produce = functools.partial(send_all, self.producer, self.service, outputs)
+            await with_backoff("produce", self.service, produce)
         env = getattr(event, "envelope", None)
         if env is not None and env.request_id:
             self._recent.remember(dedupe_key(record, env))
@@ -221,11 +225,12 @@ class InFlightConsumer:
             await self._commit({tp})
 
     async def _outputs_for(
-        self, record: ConsumerRecord[bytes, bytes]
+        self, record: ConsumerRecord[bytes, bytes], scope: contextlib.ExitStack
     ) -> tuple[Message | None, Sequence[Output], str]:
         event: Message | None = None
         try:
             event = self.codec.decode(record.topic, record.value, _content_type(record))
+            scope.enter_context(tracing.consume_span(self.service, record, event))
             env = getattr(event, "envelope", None)
             if env is not None:
                 try:
