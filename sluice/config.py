@@ -108,6 +108,31 @@ class Settings(BaseSettings):
     gateway_reply_timeout_s: float = Field(default=120.0, gt=0)
     # The stream ends this long after `finished` if metering has not priced it yet.
     gateway_cost_wait_s: float = Field(default=10.0, ge=0)
+    # Gateway tenancy (issue 8): a larger GenerateRequest is INVALID_ARGUMENT; more
+    # streams than this in flight on one replica get UNAVAILABLE at once (no queue);
+    # seed the local `demo` tenant's key on sluice.keys.v1 (turn off on a real cluster).
+    gateway_max_request_bytes: int = Field(default=1048576, gt=0)
+    gateway_max_streams: int = Field(default=256, ge=1)
+    gateway_seed_demo_key: bool = True
+    # When a worker dies mid-stream and the request re-runs: tell the caller and stream the
+    # new attempt (default), or fail the call with UNAVAILABLE so the client retries itself.
+    gateway_fail_on_restart: bool = False
+    # Optional TLS for every gRPC server (sluice/tls.py): cert+key turn it on; a client
+    # CA makes it mutual. Our own clients trust `grpc_tls_ca_file` (default: system roots)
+    # and present the client cert+key when set.
+    grpc_tls_cert_file: Path | None = None
+    grpc_tls_key_file: Path | None = None
+    grpc_tls_client_ca_file: Path | None = None
+    grpc_tls_ca_file: Path | None = None
+    grpc_tls_client_cert_file: Path | None = None
+    grpc_tls_client_key_file: Path | None = None
+    # Kafka ingress (docs/ingress.md): reply topics a producer may name in `sluice-reply-to`
+    # ({tenant} is the authenticated tenant; shell-style wildcards), and how old a
+    # `sluice-signature` timestamp may be (either direction) before it is refused.
+    ingress_reply_topics: list[str] = Field(
+        default_factory=lambda: ["replies.{tenant}", "replies.{tenant}.*"]
+    )
+    ingress_signature_max_age_s: float = Field(default=300.0, gt=0)
 
     inference_slots: int = Field(default=1, ge=1)
     inference_threads: int | None = Field(default=None, ge=1)
@@ -142,26 +167,6 @@ class Settings(BaseSettings):
     audit_checkpoint_every: int = Field(default=1000, ge=1)
     # Base64 of the 32-byte key wrapping per-subject data keys; unset: generated once
     # under <state_dir>/keys/audit-master.key.
-    # Gateway tenancy (issue 8): a larger GenerateRequest is INVALID_ARGUMENT; more
-    # streams than this in flight on one replica get UNAVAILABLE at once (no queue);
-    # seed the local `demo` tenant's key on sluice.keys.v1 (turn off on a real cluster).
-    gateway_max_request_bytes: int = Field(default=1048576, gt=0)
-    gateway_max_streams: int = Field(default=256, ge=1)
-    gateway_seed_demo_key: bool = True
-    # Optional TLS for every gRPC server (sluice/tls.py): cert+key turn it on; a client
-    # CA makes it mutual. Our own clients trust `grpc_tls_ca_file` (default: system roots)
-    # and present the client cert+key when set.
-    grpc_tls_cert_file: Path | None = None
-    grpc_tls_key_file: Path | None = None
-    grpc_tls_client_ca_file: Path | None = None
-    grpc_tls_ca_file: Path | None = None
-    grpc_tls_client_cert_file: Path | None = None
-    grpc_tls_client_key_file: Path | None = None
-    # Kafka ingress (docs/ingress.md): reply topics a producer may name in `sluice-reply-to`
-    # ({tenant} is the authenticated tenant; shell-style wildcards), and how old a
-    # `sluice-signature` timestamp may be (either direction) before it is refused.
-    ingress_reply_topics: list[str] = Field(default_factory=lambda: ["replies.{tenant}", "replies.{tenant}.*"])
-    ingress_signature_max_age_s: float = Field(default=300.0, gt=0)
     audit_master_key: str | None = None
     # Per-tenant policy (store_content); unset: <state_dir>/audit/policies.yaml.
     audit_policies_file: Path | None = None

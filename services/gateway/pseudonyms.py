@@ -25,6 +25,7 @@ class Restoration:
     keyring: Keyring | None
     tenant: str
     request_id: str
+    _originals: dict[str, str] = field(default_factory=dict)
     _restorer: PlaceholderRestorer = field(default_factory=lambda: PlaceholderRestorer({}))
 
     def open(self, vault: privacy_pb2.PseudonymVault) -> None:
@@ -35,7 +36,12 @@ class Restoration:
         except VaultError as exc:
             log.warning("pseudonyms not restored", reason=str(exc))
             return
+        self._originals = originals
         self._restorer = PlaceholderRestorer(originals)
+
+    def restart(self) -> None:
+        """The answer starts over (a re-run attempt): drop any held-back text."""
+        self._restorer = PlaceholderRestorer(self._originals)
 
     def push(self, delta: str) -> str:
         return self._restorer.push(delta)

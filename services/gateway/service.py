@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +21,7 @@ from services.gateway.ingress import send_signed
 from services.gateway.pseudonyms import Restoration
 from services.gateway.replies import ReplyRouter
 from services.gateway.validation import Invalid, ValidRequest, validate
+from services.metering.pricing import format_amount
 from services.redaction.vault import Keyring, keyring_from_settings
 from sluice import envelope as envelopes
 from sluice.config import Settings
@@ -54,6 +55,18 @@ class Call:
     ended: bool = False  # the pipeline finished or refused it: nothing left to cancel
     tokens: int = 0
     reason: str = ""
+
+
+def total_cost(costs: Iterable[envelope_pb2.Cost]) -> envelope_pb2.Cost | None:
+    """The caller's cost: every attempt's charge, since a re-run bills each attempt's tokens."""
+    charged = list(costs)
+    if len(charged) <= 1:
+        return charged[0] if charged else None
+    nanos = sum(cost.nanos for cost in charged)
+    last = charged[-1]
+    return envelope_pb2.Cost(
+        nanos=nanos, currency=last.currency, amount=format_amount(nanos), price_version=last.price_version
+    )
 
 
 def _deadline(context: Context) -> Timestamp | None:
@@ -236,9 +249,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request_id = call.request_id
         finished: events_pb2.StreamFinished | None = None
-        cost: envelope_pb2.Cost | None = None
+        costs: dict[int, envelope_pb2.Cost] = {}  # per attempt: a re-run bills each attempt
+        attempt = 1
         next_seq = 0
-        while finished is None or cost is None:
+        while finished is None or attempt not in costs:
             timeout = self.settings.gateway_cost_wait_s if finished else self.settings.gateway_reply_timeout_s
             try:
                 event = await asyncio.wait_for(queue.get(), timeout)
@@ -249,8 +263,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 call.reason = "no reply from the pipeline in time"
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, call.reason)
             kind = event.WhichOneof("body")
-            if kind == "chunk":
-                # A re-run attempt restarts at seq 0: never show the caller a chunk twice.
+            if kind != "charged" and event.envelope.attempt < attempt:
+                continue  # late output of an attempt that was already replaced
+            if kind == "restarted" and event.restarted.attempt > attempt:
+                attempt, next_seq, finished = event.restarted.attempt, 0, None
+                restore.restart()
+                if self.settings.gateway_fail_on_restart:
+                    call.reason = "the worker running this request died"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{call.reason}; retry the call")
+                yield gateway_pb2.GenerateResponse(request_id=request_id, restarted_attempt=attempt)
+            elif kind == "chunk":
+                # Never show the caller a chunk twice (Kafka may redeliver one).
                 if event.chunk.seq >= next_seq:
                     next_seq = event.chunk.seq + 1
                     delta = restore.push(event.chunk.delta)
@@ -262,7 +285,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 finished = event.finished
                 call.ended, call.tokens = True, finished.usage.total_tokens
             elif kind == "charged":
-                cost = event.charged.cost  # may overtake `finished`: both come from different services
+                # May overtake `finished`: both come from different services.
+                costs[event.envelope.attempt] = event.charged.cost
             elif kind == "failed":
                 call.ended = True
                 code = getattr(grpc.StatusCode, event.failed.code, grpc.StatusCode.INTERNAL)
@@ -273,7 +297,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if tail:
             yield gateway_pb2.GenerateResponse(request_id=request_id, delta=tail)
         yield gateway_pb2.GenerateResponse(
-            request_id=request_id, finish_reason=finished.finish_reason, usage=finished.usage, cost=cost
+            request_id=request_id,
+            finish_reason=finished.finish_reason,
+            usage=finished.usage,
+            cost=total_cost(costs.values()),
         )
 
     def _remember(self, request_id: str, responses: list[gateway_pb2.GenerateResponse]) -> None:

@@ -29,7 +29,7 @@ from sluice.v1 import feedback_pb2 as sluice_dot_v1_dot_feedback__pb2
 from sluice.v1 import templates_pb2 as sluice_dot_v1_dot_templates__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/gateway.proto\x12\tsluice.v1\x1a\x17sluice/v1/batches.proto\x1a\x18sluice/v1/envelope.proto\x1a\x16sluice/v1/events.proto\x1a\x18sluice/v1/feedback.proto\x1a\x19sluice/v1/templates.proto\"\x9a\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12<\n\tvariables\x18\x1f \x03(\x0b\x32).sluice.v1.GenerateRequest.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xb4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0f.sluice.v1.Cost\x12\r\n\x05model\x18\x06 \x01(\t\"\x9d\x01\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05scale\x18\x46 \x01(\x0e\x32\x16.sluice.v1.RatingScale\x12\x0e\n\x06rating\x18G \x01(\x11\x12\x0e\n\x06labels\x18H \x03(\t\x12\x0f\n\x07\x63omment\x18I \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x05scoreR\x05label\"?\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x46 \x01(\t\"B\n\x12SubmitBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.sluice.v1.GenerateRequest\"<\n\x13SubmitBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\xa5\x01\n\x10GetBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.sluice.v1.BatchStatus\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12+\n\x07results\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.BatchItemResult*\\\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_STATUS_RUNNING\x10\x01\x12\x15\n\x11\x42\x41TCH_STATUS_DONE\x10\x02\x32\x97\x03\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse0\x01\x12U\n\x0eSubmitFeedback\x12 .sluice.v1.SubmitFeedbackRequest\x1a!.sluice.v1.SubmitFeedbackResponse\x12[\n\x10GetFeedbackStats\x12\".sluice.v1.GetFeedbackStatsRequest\x1a#.sluice.v1.GetFeedbackStatsResponse\x12L\n\x0bSubmitBatch\x12\x1d.sluice.v1.SubmitBatchRequest\x1a\x1e.sluice.v1.SubmitBatchResponse\x12\x43\n\x08GetBatch\x12\x1a.sluice.v1.GetBatchRequest\x1a\x1b.sluice.v1.GetBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/gateway.proto\x12\tsluice.v1\x1a\x17sluice/v1/batches.proto\x1a\x18sluice/v1/envelope.proto\x1a\x16sluice/v1/events.proto\x1a\x18sluice/v1/feedback.proto\x1a\x19sluice/v1/templates.proto\"\x9a\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12(\n\x08template\x18\x1e \x01(\x0b\x32\x16.sluice.v1.TemplateRef\x12<\n\tvariables\x18\x1f \x03(\x0b\x32).sluice.v1.GenerateRequest.VariablesEntry\x12\x0f\n\x07\x63ontext\x18  \x03(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12\x1d\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0f.sluice.v1.Cost\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11restarted_attempt\x18\x46 \x01(\r\"\x9d\x01\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05scale\x18\x46 \x01(\x0e\x32\x16.sluice.v1.RatingScale\x12\x0e\n\x06rating\x18G \x01(\x11\x12\x0e\n\x06labels\x18H \x03(\t\x12\x0f\n\x07\x63omment\x18I \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x05scoreR\x05label\"?\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x46 \x01(\t\"B\n\x12SubmitBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.sluice.v1.GenerateRequest\"<\n\x13SubmitBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\xa5\x01\n\x10GetBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.sluice.v1.BatchStatus\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12+\n\x07results\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.BatchItemResult*\\\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_STATUS_RUNNING\x10\x01\x12\x15\n\x11\x42\x41TCH_STATUS_DONE\x10\x02\x32\x97\x03\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse0\x01\x12U\n\x0eSubmitFeedback\x12 .sluice.v1.SubmitFeedbackRequest\x1a!.sluice.v1.SubmitFeedbackResponse\x12[\n\x10GetFeedbackStats\x12\".sluice.v1.GetFeedbackStatsRequest\x1a#.sluice.v1.GetFeedbackStatsResponse\x12L\n\x0bSubmitBatch\x12\x1d.sluice.v1.SubmitBatchRequest\x1a\x1e.sluice.v1.SubmitBatchResponse\x12\x43\n\x08GetBatch\x12\x1a.sluice.v1.GetBatchRequest\x1a\x1b.sluice.v1.GetBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +38,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_VARIABLESENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_BATCHSTATUS']._serialized_start=1322
-  _globals['_BATCHSTATUS']._serialized_end=1414
+  _globals['_BATCHSTATUS']._serialized_start=1349
+  _globals['_BATCHSTATUS']._serialized_end=1441
   _globals['_GENERATEREQUEST']._serialized_start=167
   _globals['_GENERATEREQUEST']._serialized_end=577
   _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_start=488
   _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_end=536
   _globals['_GENERATERESPONSE']._serialized_start=580
-  _globals['_GENERATERESPONSE']._serialized_end=760
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=763
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=920
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=922
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=985
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=987
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1053
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1055
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1115
-  _globals['_GETBATCHREQUEST']._serialized_start=1117
-  _globals['_GETBATCHREQUEST']._serialized_end=1152
-  _globals['_GETBATCHRESPONSE']._serialized_start=1155
-  _globals['_GETBATCHRESPONSE']._serialized_end=1320
-  _globals['_GATEWAY']._serialized_start=1417
-  _globals['_GATEWAY']._serialized_end=1824
+  _globals['_GENERATERESPONSE']._serialized_end=787
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=790
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=947
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=949
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1012
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1014
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1080
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1082
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1142
+  _globals['_GETBATCHREQUEST']._serialized_start=1144
+  _globals['_GETBATCHREQUEST']._serialized_end=1179
+  _globals['_GETBATCHRESPONSE']._serialized_start=1182
+  _globals['_GETBATCHRESPONSE']._serialized_end=1347
+  _globals['_GATEWAY']._serialized_start=1444
+  _globals['_GATEWAY']._serialized_end=1851
 # @@protoc_insertion_point(module_scope)

@@ -154,10 +154,16 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    RESTARTED_ATTEMPT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     delta: _builtins.str
     finish_reason: _events_pb2.FinishReason.ValueType
     model: _builtins.str
+    restarted_attempt: _builtins.int
+    """Fields 70-79: gateway area. Set when the worker running the request died and
+    another one started it again as this attempt: the text streamed so far is
+    void and the answer starts over. The final cost covers every attempt.
+    """
     @_builtins.property
     def usage(self) -> _envelope_pb2.Usage: ...
     @_builtins.property
@@ -171,10 +177,11 @@ class GenerateResponse(_message.Message):
         usage: _envelope_pb2.Usage | None = ...,
         cost: _envelope_pb2.Cost | None = ...,
         model: _builtins.str = ...,
+        restarted_attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "delta", b"delta", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "delta", b"delta", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "restarted_attempt", b"restarted_attempt", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
