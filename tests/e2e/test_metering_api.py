@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from services.gateway.auth import demo_key_file
+from services.gateway.keys import key_id_of
 from services.metering.pricing import format_amount
 from services.metering.reader import read_committed
 from sluice.stack import Stack
@@ -88,7 +88,7 @@ def test_a_hard_budget_blocks_the_next_request_once_crossed(
     stack: Stack, metering: metering_pb2_grpc.MeteringStub, gateway: gateway_pb2_grpc.GatewayStub
 ) -> None:
     key = demo_key(stack)
-    key_id = hashlib.sha256(key.encode()).hexdigest()[:12]
+    key_id = key_id_of(key)
     day = billing_pb2.BUDGET_PERIOD_DAY
     set_budget(metering, key_id, day, limit_nanos=10**15)
     wait_until(lambda: budget_state(metering, key_id, day) is not None, 180, "the budget to be applied")
@@ -128,7 +128,7 @@ def test_a_request_rate_limit_rejects_a_burst(
     stack: Stack, metering: metering_pb2_grpc.MeteringStub, gateway: gateway_pb2_grpc.GatewayStub
 ) -> None:
     key = demo_key(stack)
-    key_id = hashlib.sha256(key.encode()).hexdigest()[:12]
+    key_id = key_id_of(key)
     minute = billing_pb2.BUDGET_PERIOD_MINUTE
     set_budget(metering, key_id, minute, limit_requests=1)
     try:
