@@ -328,7 +328,7 @@ class Batches:
         self.book.opened[batch_id] = opened
         key = servicer.keys.records[caller.key_id]
         for item, checked, request_id in zip(request.requests, valid, request_ids, strict=True):
-            output = servicer.request_output(item, checked, request_id, caller)
+            output = servicer.request_output(item, checked, request_id, caller, context.peer())
             output.event.batch = True
             output.event.batch_id = batch_id
             output.event.reply_to.CopyFrom(envelope_pb2.ReplyTo(topic=BATCH_REPLIES))

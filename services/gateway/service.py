@@ -330,10 +330,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return await self.batches.get(self, request, context)
 
     def request_output(
-        self, request: gateway_pb2.GenerateRequest, valid: ValidRequest, request_id: str, caller: Principal
+        self,
+        request: gateway_pb2.GenerateRequest,
+        valid: ValidRequest,
+        request_id: str,
+        caller: Principal,
+        caller_address: str,
     ) -> Output:
         """The GenerationRequested for a batch item (batches.py marks it and sets its reply topic)."""
-        return self._requested(request, valid, Call(request_id, caller.tenant, 1, None), caller.key_id)
+        call = Call(request_id, caller.tenant, 1, None)
+        return self._requested(request, valid, call, caller.key_id, caller_address)
 
     async def GetFeedbackStats(
         self, request: feedback_pb2.GetFeedbackStatsRequest, context: Context
