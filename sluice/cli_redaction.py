@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from sluice import tls
 from sluice.cli import Commands, as_dict, demo_key, print_json
 from sluice.config import Settings
 from sluice.v1 import redaction_pb2, redaction_pb2_grpc
@@ -37,7 +38,7 @@ async def _redact_lines(
     settings: Settings, lines: Iterable[str], metadata: tuple[tuple[str, str], ...], language: str
 ) -> int:
     failures = 0
-    async with grpc.aio.insecure_channel(settings.grpc_target("redaction")) as channel:
+    async with tls.aio_channel(settings, settings.grpc_target("redaction")) as channel:
         stub = redaction_pb2_grpc.RedactorStub(channel)
         gate = asyncio.Semaphore(_CONCURRENCY)
 
@@ -61,7 +62,7 @@ def cmd_redact(settings: Settings, args: argparse.Namespace) -> int:
     metadata = (("authorization", f"Bearer {args.api_key or demo_key(settings)}"),)
     if args.text == "-":
         return asyncio.run(_redact_lines(settings, sys.stdin, metadata, args.language))
-    with grpc.insecure_channel(settings.grpc_target("redaction")) as channel:
+    with tls.channel(settings, settings.grpc_target("redaction")) as channel:
         response = redaction_pb2_grpc.RedactorStub(channel).Redact(
             redaction_pb2.RedactRequest(text=args.text, language=args.language), metadata=metadata
         )

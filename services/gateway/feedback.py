@@ -24,6 +24,7 @@ from services.gateway.feedback_view import FeedbackView
 from services.gateway.request_index import RequestIndex
 from services.gateway.validation import Invalid
 from sluice import envelope as envelopes
+from sluice import tls
 from sluice.config import Settings
 from sluice.kafka import ENTRY_HEADER, Output, send
 from sluice.logs import get_logger
@@ -150,7 +151,7 @@ class Feedback:
         if not comment.strip():
             return redaction_pb2.RedactResponse()
         if self._redactor is None:
-            channel = grpc.aio.insecure_channel(self.settings.grpc_target("redaction"))
+            channel = tls.aio_channel(self.settings, self.settings.grpc_target("redaction"))
             self._redactor = redaction_pb2_grpc.RedactorStub(channel)
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         try:
