@@ -133,8 +133,8 @@ class Stack:
             self.start_service(name)
         self.wait_healthy()
 
-    def stop_services(self, timeout: float = 40.0) -> None:
-        pids = {name: pid for name in SERVICES if (pid := self.pid(name)) is not None}
+    def stop_services(self, timeout: float = 40.0, names: tuple[ServiceName, ...] = SERVICES) -> None:
+        pids = {name: pid for name in names if (pid := self.pid(name)) is not None}
         for pid in pids.values():
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

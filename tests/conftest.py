@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -16,7 +16,7 @@ import pytest
 
 from services.prompts.chat_template import ChatTemplate
 from sluice.broker import LocalBroker
-from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
+from sluice.config import REPO_ROOT, SERVICES, ServiceName, Settings, load_settings
 from sluice.models import smollm2_gguf_path
 from sluice.stack import Stack
 
@@ -96,6 +96,25 @@ def stack(stack_settings: Settings) -> Iterator[Stack]:
         yield running
     finally:
         running.stop_services()
+
+
+@contextmanager
+def paused(stack_settings: Settings, *names: ServiceName) -> Iterator[None]:
+    """Stop these services of the session stack, if it runs, while a test owns their input.
+
+    Tests that run their own consumers in a service's consumer group (or read its
+    outputs) would otherwise share the work with the session stack's process.
+    """
+    running = Stack(stack_settings)
+    stopped = tuple(name for name in names if running.pid(name) is not None)
+    running.stop_services(names=stopped)
+    try:
+        yield
+    finally:
+        for name in stopped:
+            running.start_service(name)
+        if stopped:
+            running.wait_healthy(stopped, timeout=300)
 
 
 def service_logs(stack: Stack) -> dict[str, str]:

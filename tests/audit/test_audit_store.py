@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from services.audit import chain
+from services.audit.chain_watch import ChainWatch
 from services.audit.filters import InvalidArgument
 from services.audit.service import CompletenessWatch, walk_index
 from services.audit.store import AuditStore, QueryFilter
@@ -244,3 +245,16 @@ def test_a_later_batch_in_a_new_process_still_carries_the_requests_user(location
         assert [r.request_id for _, r in rows] == ["late"]
     finally:
         reopened.close()
+
+
+def test_the_chain_watch_gauge_turns_to_zero_at_a_broken_link_and_stays(store: AuditStore) -> None:
+    watch = ChainWatch(store.path, interval_s=60)
+    assert watch.check() and REGISTRY.get_sample_value("sluice_audit_chain_valid") == 1
+    record = store.by_seq(42)
+    assert record is not None
+    record.details["cost_nanos"] = "1"
+    _tamper(store.path, 42, record.SerializeToString())
+    assert watch.check()  # incremental: rows it already verified are not re-read
+    fresh = ChainWatch(store.path, interval_s=60)
+    assert not fresh.check() and REGISTRY.get_sample_value("sluice_audit_chain_valid") == 0
+    assert not fresh.check()  # a broken chain stays broken

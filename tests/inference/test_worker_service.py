@@ -28,7 +28,7 @@ from sluice.config import Settings, load_settings
 from sluice.stack import Stack
 from sluice.topics import CONTROL, DLQ, PROMPTS
 from sluice.v1 import events_pb2
-from tests.conftest import _free_offset, free_ports
+from tests.conftest import _free_offset, free_ports, paused
 from tests.inference.worker_helpers import (
     MODEL,
     ReplyReader,
@@ -94,7 +94,12 @@ def _spawn(settings: Settings, worker_id: str, env: dict[str, str] | None = None
 
 
 @pytest.fixture(scope="module")
-def workers(settings: Settings) -> Iterator[list[Worker]]:
+def workers(settings: Settings, stack_settings: Settings) -> Iterator[list[Worker]]:
+    with paused(stack_settings, "inference"):  # the pool's group must hold only our two workers
+        yield from _two_workers(settings)
+
+
+def _two_workers(settings: Settings) -> Iterator[list[Worker]]:
     started = [_spawn(settings, "worker-a"), _spawn(settings, "worker-b")]
     try:
         for w in started:

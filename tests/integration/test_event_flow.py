@@ -105,7 +105,11 @@ class Recorder:
         return ()
 
 
-async def run_consumer(bootstrap: str, producer: AIOKafkaProducer, handler: Recorder, until: int) -> None:
+async def run_consumer(bootstrap: str, producer: AIOKafkaProducer, handler: Recorder, until: str) -> None:
+    """Consume from the start until `until` (a request id sent last) is handled.
+
+    The session's broker also holds other tests' events, so a count would stop too early.
+    """
     consumer = EventConsumer(
         service="test",
         group_id=f"test-{uuid.uuid4().hex[:8]}",
@@ -118,7 +122,7 @@ async def run_consumer(bootstrap: str, producer: AIOKafkaProducer, handler: Reco
     task = asyncio.create_task(consumer.run())
     try:
         for _ in range(200):
-            if len(handler.seen) >= until:
+            if any(request_id == until for request_id, _ in handler.seen):
                 break
             await asyncio.sleep(0.1)
     finally:
@@ -136,7 +140,7 @@ async def test_duplicates_are_dropped_and_new_attempts_are_not(
     for event in (first, first, retry, retry, marker):
         await send(producer, "test", Output(topics.REDACTED, event, request_id))
     handler = Recorder()
-    await run_consumer(topics_ready, producer, handler, until=3)
+    await run_consumer(topics_ready, producer, handler, until=marker.envelope.request_id)
     mine = [s for s in handler.seen if s[0] in (request_id, marker.envelope.request_id)]
     assert mine == [(request_id, 1), (request_id, 2), (marker.envelope.request_id, 1)]
 
@@ -158,7 +162,7 @@ async def test_malformed_records_go_to_the_dlq_and_the_consumer_goes_on(
     handler = Recorder()
     handler.fail_on.add(failing.envelope.request_id)
     tokens_start = await end_offsets(topics_ready, topics.TOKENS)
-    await run_consumer(topics_ready, producer, handler, until=1)
+    await run_consumer(topics_ready, producer, handler, until=good.envelope.request_id)
     assert (good.envelope.request_id, 1) in handler.seen
 
     letters = [

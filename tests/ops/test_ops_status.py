@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -83,7 +84,9 @@ def test_services_export_request_codes_first_token_and_lag(stack: Stack) -> None
         lambda: 'sluice_consumer_lag{group="sluice-redaction"' in metrics(stack, "redaction")
     )
     assert lagging, metrics(stack, "redaction")
-    assert eventually(lambda: "sluice_audit_chain_valid 1.0" in metrics(stack, "audit"))
+    # Exported either way: the session stack's chain may already be broken on purpose by the
+    # audit tampering tests (tests/audit/test_audit_store.py checks the value itself).
+    assert eventually(lambda: re.search(r"^sluice_audit_chain_valid [01]\.0$", metrics(stack, "audit"), re.M))
     assert 'sluice_redaction_entities_total{entity_type="EMAIL_ADDRESS"}' in metrics(stack, "redaction")
     assert 'sluice_cost_total{currency="USD",model=' in metrics(stack, "metering")
     for service in ("gateway", "redaction", "metering", "audit"):

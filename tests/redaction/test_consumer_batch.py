@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from sluice.kafka import EventConsumer, start_producer
 from sluice.service import Runtime
 from sluice.topics import DLQ, REDACTED, REQUESTS, Codec, load_plan
 from sluice.v1 import envelope_pb2, events_pb2
+from tests.conftest import paused
 
 PLAN = load_plan(load_settings().topics_file)
 GROUP = f"test-redaction-batch-{uuid.uuid4().hex[:8]}"
@@ -121,7 +122,15 @@ async def producer(topics_ready: str) -> Any:
     await made.stop()
 
 
+@pytest.fixture
+def redaction_paused(stack_settings: Settings) -> Iterator[None]:
+    """The session stack's redaction would take these records too (same group, same topic)."""
+    with paused(stack_settings, "redaction"):
+        yield
+
+
 async def test_one_poll_is_one_batch_and_each_poison_record_is_dead_lettered_alone(
+    redaction_paused: None,
     topics_ready: str,
     tmp_path: Path,
     loaded_redactor: Redactor,
