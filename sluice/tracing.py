@@ -48,11 +48,16 @@ FINISH_NAMES = {
 }
 
 
+_enabled = False  # with tracing off, the per-record hooks cost nothing (hot consumer loops)
+
+
 def configure(service: str, settings: Settings) -> None:
     """Install the process's tracer provider from settings (`none` keeps tracing off)."""
+    global _enabled
     exporter = _exporter(service, settings)
     if exporter is None:
         return
+    _enabled = True
     provider = TracerProvider(resource=Resource.create({"service.name": f"sluice-{service}"}))
     if settings.traces_exporter == "otlp":
         provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -96,6 +101,8 @@ def server_interceptors() -> list[Any]:
 
 def current_traceparent() -> str | None:
     """The current span's W3C traceparent, for an envelope that starts a request."""
+    if not _enabled:
+        return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
@@ -103,6 +110,8 @@ def current_traceparent() -> str | None:
 
 def with_trace_headers(output: Output) -> Output:
     """`output` with the current context's traceparent (and tracestate) in its headers."""
+    if not _enabled:
+        return output
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if not carrier:
@@ -129,6 +138,9 @@ def consume_span(
     service: str, record: ConsumerRecord[bytes, bytes], event: Message | None
 ) -> Iterator[Span]:
     """A CONSUMER span for one record, continuing the trace its producer started."""
+    if not _enabled:
+        yield trace.INVALID_SPAN
+        return
     attributes: dict[str, Any] = {
         "messaging.system": "kafka",
         "messaging.operation.type": "process",
@@ -155,6 +167,8 @@ def consume_span(
 
 def traced_outputs(outputs: Sequence[Output], outcome: str) -> list[Output]:
     """Close out the current hop: note what it produced (usage, cost) and pass its context on."""
+    if not _enabled:
+        return list(outputs)
     span = trace.get_current_span()
     span.set_attribute("sluice.outcome", outcome)
     if outcome != "ok":
