@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.gateway import keys as key_material
 from services.gateway.auth import KeyStore, Principal, _principal
 from services.gateway.validation import Invalid, validate
 from sluice import metrics
@@ -84,7 +85,7 @@ def signature_header(
 
 
 def key_ref_header(key_id: str, key: str) -> tuple[str, bytes]:
-    return KEY_REF, f"{key_id}:{hashlib.sha256(key.encode()).hexdigest()}".encode()
+    return KEY_REF, f"{key_id}:{key_material.digest(key).hex()}".encode()
 
 
 async def send_signed(
@@ -245,7 +246,7 @@ class Ingress:
         if len(inner) != hashlib.sha256().digest_size:
             raise Rejected(f"{KEY_REF}: expected <key_id>:<hex SHA-256 of the key>")
         key = await self._record(key_id)
-        if not hmac.compare_digest(hashlib.sha256(bytes(key.salt) + inner).digest(), bytes(key.key_hash)):
+        if not hmac.compare_digest(key_material.salted(inner, bytes(key.salt)), bytes(key.key_hash)):
             raise Rejected("authentication: unknown or revoked API key")
         return _principal(key)
 
