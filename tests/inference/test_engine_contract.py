@@ -178,12 +178,30 @@ async def test_concurrency_up_to_capacity(engine: Engine, template: ChatTemplate
     tasks = [asyncio.ensure_future(_collect(engine, p, sampling)) for p in prompts]
     await asyncio.sleep(0)
     assert engine.in_flight == CAPACITY
-    (a_events, a_res, a_first, a_end), (b_events, b_res, b_first, b_end) = await asyncio.gather(*tasks)
-    for events, res in ((a_events, a_res), (b_events, b_res)):
+    for events, res, _, _ in await asyncio.gather(*tasks):
         assert res.finish_reason in ("stop", "length")
         assert res.completion_tokens == sum(e.tokens for e in events) > 0
-    if engine.kind != "openai":  # llama.cpp's server runs one request at a time; in-process engines don't
-        assert a_first < b_end and b_first < a_end
+    assert engine.in_flight == 0
+
+
+async def test_second_request_runs_while_first_is_generating(engine: Engine, template: ChatTemplate) -> None:
+    """No global lock: a short request finishes while a long one is mid-generation.
+
+    Ordering, not timing: behind a lock the short request could not produce a
+    token until the long one ended (200 tokens, or the abort below).
+    """
+    if engine.kind == "openai":
+        pytest.skip("llama.cpp's server runs one request at a time")
+    long_prompt = template.render([("user", "Tell me a very long story about a river and its fish.")])
+    long_stream = engine.stream(f"long-{next(_ids)}", long_prompt, Sampling(200, 0.0, 1.0))
+    first = await anext(aiter(long_stream))
+    assert first.tokens
+    short_prompt = template.render([("user", "Describe a lake in one sentence.")])
+    events, result, _, _ = await asyncio.wait_for(_collect(engine, short_prompt, Sampling(16, 0.0, 1.0)), 120)
+    assert result.completion_tokens == sum(e.tokens for e in events) > 0
+    assert engine.in_flight == 1, "the long request should still be generating"
+    await long_stream.aclose()
+    assert long_stream.result.finish_reason == "cancelled"
     assert engine.in_flight == 0
 
 
