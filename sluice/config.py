@@ -20,6 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from sluice import kafka_security
 from sluice.engine_specs import EngineKind, LlamaCppSettings, OpenAISettings, TrtllmSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,18 @@ class Settings(BaseSettings):
     # When unset, the local stack starts (and owns) its own broker.
     kafka_bootstrap: str | None = None
     local_kafka_port: int = Field(default=9092, gt=0, lt=65536)
+    # How every Kafka client authenticates (sluice/kafka_security.py, docs/operations.md):
+    # SASL_* needs a username and a password (or a file holding it, e.g. a mounted Secret);
+    # *SSL trusts `kafka_ssl_ca_file` (default: system roots) and presents cert+key for mTLS.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_ca_file: Path | None = None
+    kafka_ssl_cert_file: Path | None = None
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_check_hostname: bool = True
     state_dir: Path = REPO_ROOT / ".sluice"
     host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -216,6 +229,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"SLUICE_{other.upper()} must be set with SLUICE_{one.upper()}")
         if self.grpc_tls_client_ca_file is not None and self.grpc_tls_cert_file is None:
             raise ValueError("SLUICE_GRPC_TLS_CERT_FILE must be set with SLUICE_GRPC_TLS_CLIENT_CA_FILE")
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        """A bad Kafka security set-up stops the process here, named, not as endless connect retries."""
+        kafka_security.security_of(self)
         return self
 
     @field_validator("state_dir")

@@ -25,6 +25,8 @@ from google.protobuf.message import Message
 
 from sluice import envelope as envelopes
 from sluice import metrics, tracing
+from sluice.config import ConfigError
+from sluice.kafka_security import client_options, refusal
 from sluice.logs import get_logger
 from sluice.topics import DLQ, TOKENS, BadEvent, Codec
 from sluice.v1 import events_pb2
@@ -42,12 +44,19 @@ async def with_backoff(
     first_delay: float = 0.5,
     max_delay: float = 15.0,
 ) -> T:
-    """Retry `start` while the cluster is unreachable: one clear line per try, no traceback."""
+    """Retry `start` while the cluster is unreachable: one clear line per try, no traceback.
+
+    A cluster that refuses our credentials (or whose certificate we refuse) is not
+    unreachable: that stops the caller with a ConfigError naming the settings to fix.
+    """
     delay = first_delay
     while True:
         try:
             return await start()
         except (KafkaConnectionError, KafkaError, OSError) as exc:
+            if isinstance(exc, KafkaConnectionError) and (why := await refusal()) is not None:
+                log.error("kafka refused this client", what=what, reason=why)
+                raise ConfigError(why) from None
             metrics.KAFKA_CONNECT_RETRIES.labels(service).inc()
             log.warning(
                 "kafka unreachable, retrying",
@@ -65,6 +74,7 @@ async def start_producer(
     async def start() -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **client_options(),
             client_id=f"sluice-{service}",
             enable_idempotence=True,
             acks="all",
@@ -103,6 +113,7 @@ async def start_partition_reader(
     async def start() -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **client_options(),
             client_id=client_id,
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -255,6 +266,7 @@ class EventConsumer:
         consumer = AIOKafkaConsumer(
             *self.topics,
             bootstrap_servers=self.bootstrap,
+            **client_options(),
             group_id=self.group_id,
             client_id=f"sluice-{self.service}",
             enable_auto_commit=False,
@@ -375,8 +387,9 @@ class EventConsumer:
         if manager is None or not manager.transactional_id:
             return
         log.warning("transactional producer failed; starting a fresh one", error=type(exc).__name__)
-        broken, self.producer = self.producer, await start_producer(
-            self.bootstrap, self.service, manager.transactional_id
+        broken, self.producer = (
+            self.producer,
+            await start_producer(self.bootstrap, self.service, manager.transactional_id),
         )
         self._own_producer = True
         with contextlib.suppress(Exception):

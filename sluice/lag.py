@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import Gauge
 
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 
 log = get_logger()
@@ -47,8 +48,9 @@ class LagReader:
         self._offsets: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        offsets = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        options = client_options()
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id, **options)
+        offsets = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, **options)
         try:
             await admin.start()
             await offsets.start()

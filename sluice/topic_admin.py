@@ -8,6 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from sluice.kafka import with_backoff
+from sluice.kafka_security import client_options
 from sluice.topics import TopicPlan
 
 
@@ -21,7 +22,9 @@ class ApplyReport:
 
 async def apply(bootstrap: str, plan: TopicPlan, timeout_s: float = 30.0) -> ApplyReport:
     async def start() -> AIOKafkaAdminClient:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-topics")
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, **client_options(), client_id="sluice-topics"
+        )
         await admin.start()
         return admin
 
