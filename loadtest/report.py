@@ -26,11 +26,11 @@ from rich.table import Table
 
 from loadtest.loadgen.records import RunResult
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # headless: plots are files
 import matplotlib.pyplot as plt
+from matplotlib.ticker import ScalarFormatter
 
 PERCENTILES = (50, 95, 99)
-METRICS = ("ttft_ms", "e2e_ms", "itl_ms", "tokens_per_s")
 
 
 def percentiles(values: Iterable[float], scale: float = 1.0) -> dict[str, float | None]:
@@ -157,8 +157,14 @@ def plot_cdf(results: Mapping[str, RunResult], path: Path, title: str) -> None:
         ax.set_xlabel(f"{label} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize="x-small")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no successful requests", ha="center", transform=ax.transAxes)
     fig.suptitle(f"{title}: latency CDF")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,7 +185,8 @@ def plot_over_time(results: Mapping[str, RunResult], path: Path, title: str) -> 
                 )
         ax.set_ylabel(f"{label} (ms)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", markerscale=3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize="small", markerscale=3)
     axes[-1].set_xlabel("send time (s from run start)")
     fig.suptitle(f"{title}: latency over time")
     fig.tight_layout()
