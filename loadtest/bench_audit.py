@@ -33,6 +33,7 @@ from services.audit.service import Indexer
 from services.audit.store import AuditStore, QueryFilter, Row
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
+from sluice.kafka_security import client_options
 from sluice.stack import Stack
 from sluice.topics import AUDIT
 from sluice.v1 import events_pb2
@@ -91,7 +92,9 @@ def records(count: int, seed: int = 7) -> Iterator[events_pb2.AuditRecord]:
 
 
 async def produce(bootstrap: str, batch: list[events_pb2.AuditRecord]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, **client_options(), linger_ms=20, max_batch_size=1 << 20
+    )
     await producer.start()
     try:
         pending = [

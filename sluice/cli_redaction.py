@@ -22,6 +22,7 @@ import grpc
 from sluice import tls
 from sluice.cli import Commands, as_dict, demo_key, print_json
 from sluice.config import Settings
+from sluice.kafka_security import client_options
 from sluice.v1 import redaction_pb2, redaction_pb2_grpc
 
 # Lines in flight at once for `sluice redact -`: enough for the service to batch.
@@ -97,7 +98,9 @@ def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
     )
 
     async def publish() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, enable_idempotence=True, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap, **client_options(), enable_idempotence=True, acks="all"
+        )
         await producer.start()
         try:
             await producer.send_and_wait(POLICIES, update.SerializeToString(), key=args.tenant.encode())

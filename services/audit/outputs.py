@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
@@ -131,6 +132,7 @@ class OutputCollector:
     async def _start(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **client_options(),
             client_id="sluice-audit-outputs",
             enable_auto_commit=False,
             isolation_level="read_committed",

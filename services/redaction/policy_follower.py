@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from services.metering.reader import topic_partitions
 from services.redaction.policy import POLICIES, PolicyError
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.v1 import privacy_pb2
 
@@ -52,6 +53,7 @@ class PolicyFollower:
         consumer = await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 client_id=f"sluice-{self.service}-policies",
                 enable_auto_commit=False,
                 fetch_max_wait_ms=100,
