@@ -114,6 +114,20 @@ bench-engines: $(STAMP)
 	$(PY) -m loadtest.bench_engines
 BENCHES += bench-engines
 
+# Gateway overhead (issue 9): one fixed-timing upstream called directly, through Sluice (all on,
+# and lightest redaction) and through LiteLLM proxy (own venv under .sluice/bench); loss audit
+# after every Sluice run. Flags: make bench-overhead ARGS="--rps 20 --duration 30".
+.PHONY: bench-overhead
+bench-overhead: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_overhead $(ARGS)
+BENCHES += bench-overhead
+
+# Capacity (issue 9): RPS rises until p99 added TTFT > 100 ms, errors or loss; consumer lag per step.
+.PHONY: bench-capacity
+bench-capacity: $(STAMP) kafka-jars
+	$(PY) -m loadtest.bench_capacity $(ARGS)
+BENCHES += bench-capacity
+
 # Deployment: the chart reads copies of the topic plan, rules and dashboard (helm cannot
 # read outside the chart); ops-check runs helm lint/template + kubeconform, promtool,
 # hadolint (tests/ops, also part of `make test`; Go tools cached in ~/.cache/sluice/bin).

