@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from sluice import kafka_security
 from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
 from tests.ops.conftest import CHART, KUBE_VERSION, VALUE_SETS, Render, of_kind, run
+from tests.ops.kafka_tls import make_tls_material
 
 # The first run builds the Go tools (go install; minutes on a busy machine): allow for it.
 pytestmark = pytest.mark.timeout(3600)
@@ -133,15 +135,89 @@ def test_more_gateways_than_reply_partitions_is_refused(helm: Path) -> None:
 
 
 def test_config_map_sets_only_real_settings(render: Render) -> None:
-    """Every SLUICE_* variable the chart sets is one the services read (or a known gap)."""
+    """Every SLUICE_* variable the chart sets is one the services read."""
     fields = {f"SLUICE_{name.upper()}" for name in Settings.model_fields}
-    # The services' Kafka clients do not take security settings yet (docs/operations.md).
-    pending = {"SLUICE_KAFKA_SECURITY_PROTOCOL", "SLUICE_KAFKA_SASL_MECHANISM", "SLUICE_KAFKA_SSL_CAFILE"}
     for docs in (render(), render(*PRODUCTION)):
         config = of_kind(docs, "ConfigMap")["sluice-config"]["data"]
-        assert set(config) - fields - pending == set()
-        overrides = {k: v for k, v in config.items() if k in fields}
-        load_settings(**{k.removeprefix("SLUICE_").lower(): v for k, v in overrides.items()})
+        assert set(config) - fields == set()
+        if config["SLUICE_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT":
+            load_settings(**{k.removeprefix("SLUICE_").lower(): v for k, v in config.items()})
+
+
+def test_secured_kafka_values_become_settings_the_services_accept(render: Render, tmp_path: Path) -> None:
+    """SASL_SSL with mutual TLS from chart values: the pod's env and mounted files load as
+    valid settings, and the Kafka clients get exactly that login and that trust."""
+    tls = make_tls_material(tmp_path / "pki")
+    values = tmp_path / "secured.yaml"
+    security = {
+        "protocol": "SASL_SSL",
+        "sasl": {"mechanism": "SCRAM-SHA-256", "username": "sluice", "password": "pw-from-values"},
+        "tls": {
+            "caCert": tls.ca.read_text(),
+            "clientCert": tls.client.cert.read_text(),
+            "clientKey": tls.client.key.read_text(),
+        },
+    }
+    chart_values = {
+        "kafka": {"security": security},
+        "topics": {"applyJob": {"enabled": False}},
+        "services": {"inference": {"autoscaling": {"enabled": True}}},  # KEDA logs in the same way
+    }
+    values.write_text(yaml.safe_dump(chart_values))
+    docs = render(values)
+    secret = of_kind(docs, "Secret")["sluice-kafka"]["stringData"]
+    config = of_kind(docs, "ConfigMap")["sluice-config"]["data"]
+    pod = of_kind(docs, "Deployment")["sluice-redaction"]["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-tls"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kafka-tls"]
+    assert volume["secret"]["secretName"] == "sluice-kafka"
+    # Materialise the pod: the Secret's keys as the mounted files, its refs as env.
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for key, text in secret.items():
+        (mounted / key).write_text(text)
+    env = {k: v.replace(mount["mountPath"], str(mounted)) for k, v in config.items()}
+    for item in pod["containers"][0]["env"]:
+        ref = item.get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") == "sluice-kafka":
+            env[item["name"]] = secret[ref["key"]]
+    kafka = {k: v for k, v in env.items() if k.startswith("SLUICE_KAFKA_")}
+    settings = load_settings(**{k.removeprefix("SLUICE_").lower(): v for k, v in kafka.items()})
+    options = kafka_security.client_options(settings)
+    assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("sluice", "pw-from-values")
+    assert settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_check_hostname
+    auth = of_kind(docs, "TriggerAuthentication")["sluice-kafka"]["spec"]["secretTargetRef"]
+    assert {r["parameter"] for r in auth} == {"username", "password", "ca", "cert", "key"}
+
+
+def test_topic_job_gets_the_kafka_login(helm: Path, render: Render) -> None:
+    """The pre-install topics Job authenticates like the services, from an existing Secret."""
+    sets = ("kafka.security.protocol=SASL_SSL", "kafka.security.existingSecret=kafka-login")
+    (job,) = of_kind(render(sets=sets), "Job").values()
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SLUICE_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+    assert env["SLUICE_KAFKA_SASL_MECHANISM"]["value"] == "SCRAM-SHA-512"
+    assert env["SLUICE_KAFKA_SSL_CA_FILE"]["value"] == "/etc/sluice/kafka-tls/ca.crt"
+    assert env["SLUICE_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kafka-login",
+        "key": "sasl-password",
+    }
+    assert any(m["name"] == "kafka-tls" for m in container["volumeMounts"])
+    # Without an existing Secret the hook would wait for one the chart creates only after it.
+    done = run(
+        helm,
+        "template",
+        "sluice",
+        CHART,
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "kafka.security.protocol=SASL_SSL,kafka.security.sasl.username=u,kafka.security.sasl.password=p",
+        check=False,
+    )
+    assert done.returncode != 0 and "needs kafka.security.existingSecret" in done.stderr
 
 
 def test_strimzi_topics_render_every_topic_of_the_plan(render: Render) -> None:

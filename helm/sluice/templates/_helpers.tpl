@@ -43,6 +43,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- if has .Values.kafka.security.protocol (list "SSL" "SASL_SSL") }}true{{ end -}}
 {{- end -}}
 
+{{/* The Kafka Secret holds ca.crt: given as a value, or declared for an existingSecret. */}}
+{{- define "sluice.kafkaHasCa" -}}
+{{- with .Values.kafka.security }}
+{{- if and (include "sluice.kafkaUsesTls" $) (or .tls.caCert (and .existingSecret .tls.secretHasCa)) }}true{{ end -}}
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka Secret holds tls.crt and tls.key (mutual TLS). */}}
+{{- define "sluice.kafkaHasClientCert" -}}
+{{- with .Values.kafka.security }}
+{{- if and (include "sluice.kafkaUsesTls" $) (or .tls.clientCert (and .existingSecret .tls.secretHasClientCert)) }}true{{ end -}}
+{{- end }}
+{{- end -}}
+
 {{/* Environment every Sluice container gets: config map, master keys, Kafka credentials. */}}
 {{- define "sluice.env" -}}
 - name: SLUICE_REDACTION_MASTER_KEY
@@ -51,6 +65,30 @@ app.kubernetes.io/component: {{ .component }}
 - name: SLUICE_AUDIT_MASTER_KEY
   valueFrom:
     secretKeyRef: {name: {{ include "sluice.secretName" . }}, key: audit-master-key}
+{{- include "sluice.kafkaSecretEnv" . }}
+{{- end -}}
+
+{{/* How the services reach Kafka (sluice/kafka_security.py): SLUICE_* name -> value. */}}
+{{- define "sluice.kafkaSettings" -}}
+SLUICE_KAFKA_BOOTSTRAP: {{ required "kafka.bootstrap is required" .Values.kafka.bootstrap | quote }}
+SLUICE_KAFKA_SECURITY_PROTOCOL: {{ .Values.kafka.security.protocol | quote }}
+{{- if include "sluice.kafkaUsesSasl" . }}
+SLUICE_KAFKA_SASL_MECHANISM: {{ .Values.kafka.security.sasl.mechanism | quote }}
+{{- end }}
+{{- if include "sluice.kafkaUsesTls" . }}
+SLUICE_KAFKA_SSL_CHECK_HOSTNAME: {{ .Values.kafka.security.tls.checkHostname | quote }}
+{{- end }}
+{{- if include "sluice.kafkaHasCa" . }}
+SLUICE_KAFKA_SSL_CA_FILE: /etc/sluice/kafka-tls/ca.crt
+{{- end }}
+{{- if include "sluice.kafkaHasClientCert" . }}
+SLUICE_KAFKA_SSL_CERT_FILE: /etc/sluice/kafka-tls/tls.crt
+SLUICE_KAFKA_SSL_KEY_FILE: /etc/sluice/kafka-tls/tls.key
+{{- end }}
+{{- end -}}
+
+{{/* The SASL login, from the Kafka Secret. */}}
+{{- define "sluice.kafkaSecretEnv" -}}
 {{- if include "sluice.kafkaUsesSasl" . }}
 - name: SLUICE_KAFKA_SASL_USERNAME
   valueFrom:
