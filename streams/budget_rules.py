@@ -29,11 +29,18 @@ class Spend:
     tokens: int = 0
     requests: int = 0
 
-    def add(self, charge: events_pb2.UsageCharged) -> None:
-        self.nanos += charge.cost.nanos
-        if charge.kind != billing_pb2.CHARGE_KIND_CORRECTION:
-            self.tokens += charge.usage.prompt_tokens + charge.usage.completion_tokens
-            self.requests += 1
+    @classmethod
+    def of(cls, charge: events_pb2.UsageCharged) -> Spend:
+        """What one ledger entry adds: a correction moves money, not tokens or requests."""
+        if charge.kind == billing_pb2.CHARGE_KIND_CORRECTION:
+            return cls(nanos=charge.cost.nanos)
+        usage = charge.usage
+        return cls(charge.cost.nanos, usage.prompt_tokens + usage.completion_tokens, 1)
+
+    def add(self, other: Spend) -> None:
+        self.nanos += other.nanos
+        self.tokens += other.tokens
+        self.requests += other.requests
 
     def used(self, limit: str) -> int:
         return {"cost": self.nanos, "tokens": self.tokens, "requests": self.requests}[limit]

@@ -3,22 +3,31 @@
 Two agents:
 
 - `route` reads committed ledger entries (sluice.usage.v1) and budget policies
-  (sluice.budget-policies.v1) and re-keys them by scope (tenant, key, model,
-  template) onto an internal topic, so each scope's state lives on one partition.
-- `account` keeps per-scope totals for the current minute, hour, day and month
-  in a faust table, and for each tenant/key budget publishes its state to the
-  compacted sluice.budgets.v1 and alerts at 80% and 100% to sluice.budget-alerts.v1.
+  (sluice.budget-policies.v1) a batch at a time, sums the batch's charges per
+  scope (tenant, key, model, template) and minute, and sends one delta per
+  scope and minute onto an internal topic keyed by scope, so each scope's state
+  lives on one partition. Summing first is what makes the stream cheap: a batch
+  of a thousand charges of one tenant is a handful of deltas, not thousands of
+  routed copies and table writes.
+- `account` adds each delta to the scope's totals for the current minute, hour,
+  day and month in a faust table, and for each tenant/key budget publishes its
+  state to the compacted sluice.budgets.v1 and alerts at 80% and 100% to
+  sluice.budget-alerts.v1.
 
 Table changes, outputs and input offsets commit in one Kafka transaction per
 commit interval (faust `processing_guarantee="exactly_once"`), so a crash can
-neither lose nor double-count a charge in a budget.
+neither lose nor double-count a charge in a budget. A batch's input offsets
+are acknowledged only after its deltas are sent, so a replay re-sums exactly the
+charges whose deltas were never committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -30,6 +39,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from sluice.config import Settings
+from sluice.kafka_security import faust_credentials
 from sluice.logs import get_logger
 from sluice.topics import BUDGETS, USAGE
 from sluice.v1 import billing_pb2, events_pb2
@@ -58,8 +68,14 @@ TABLE_PARTITIONS = 3
 BUDGET_ALERTS = Counter(
     "sluice_budget_alerts_total", "Budget thresholds crossed (80 and 100 percent)", ["tenant", "threshold"]
 )
-USAGE_MARK = b"U"
+DELTA_MARK = b"D"  # JSON [minute start (epoch s), nanos, tokens, requests]
+USAGE_MARK = b"U"  # one UsageCharged per scope: what `route` sent before it summed batches
 POLICY_MARK = b"P"
+# A batch closes at this many input records or after this long, whichever comes first;
+# the wait adds at most this much to the time a crossed hard budget takes to block.
+ROUTE_BATCH = 2000
+ROUTE_WITHIN_S = 0.05
+Deltas = dict[tuple[str, int], Spend]
 
 
 def usage_scopes(charge: events_pb2.UsageCharged) -> list[str]:
@@ -73,11 +89,46 @@ def usage_scopes(charge: events_pb2.UsageCharged) -> list[str]:
     return scopes
 
 
-def add_to_windows(windows: dict[str, list[Any]], charge: events_pb2.UsageCharged, at: datetime) -> None:
-    """Count a charge in the current minute, hour, day and month of one scope.
+def charge_minute(charge: events_pb2.UsageCharged, now: datetime) -> int:
+    """Start (epoch seconds) of the UTC minute the charge's completion falls in."""
+    seconds = charge.completed_at.seconds if charge.HasField("completed_at") else int(now.timestamp())
+    return seconds - seconds % 60
 
-    A window that has ended is replaced by the one the charge falls in; a late
-    charge for an already-replaced window only lives on in the ledger.
+
+def sum_charges(charges: Iterable[events_pb2.UsageCharged], now: datetime) -> Deltas:
+    """What a batch of charges adds, per (scope, minute).
+
+    The minute fixes the hour, day and month too, so a sum per minute counts in
+    exactly the windows its charges would have one by one.
+    """
+    deltas: Deltas = {}
+    for charge in charges:
+        spend = Spend.of(charge)
+        minute = charge_minute(charge, now)
+        for name in usage_scopes(charge):
+            total = deltas.get((name, minute))
+            if total is None:
+                deltas[(name, minute)] = total = Spend()
+            total.add(spend)
+    return deltas
+
+
+def encode_delta(minute: int, spend: Spend) -> bytes:
+    return DELTA_MARK + json.dumps([minute, *spend.as_list()]).encode()
+
+
+def decode_delta(body: bytes) -> tuple[datetime, Spend]:
+    minute, nanos, tokens, requests = json.loads(body)
+    return datetime.fromtimestamp(minute, UTC), Spend(nanos, tokens, requests)
+
+
+def add_to_windows(windows: dict[str, list[Any]], spend: Spend, at: datetime) -> None:
+    """Count spend made at `at` in the current minute, hour, day and month of one scope.
+
+    A window that has ended is replaced by the one the spend falls in; a late
+    charge for an already-replaced window only lives on in the ledger. Each window
+    ends up holding every charge of the newest period seen, whatever order charges
+    (or sums of them) arrive in.
     """
     for period in PERIODS:
         start = window_start(period, at).isoformat()
@@ -86,9 +137,9 @@ def add_to_windows(windows: dict[str, list[Any]], charge: events_pb2.UsageCharge
             current = [start, 0, 0, 0]
         elif current[0] > start:
             continue
-        spend = Spend(*current[1:])
-        spend.add(charge)
-        windows[period] = [start, *spend.as_list()]
+        total = Spend(*current[1:])
+        total.add(spend)
+        windows[period] = [start, *total.as_list()]
 
 
 class BudgetStream:
@@ -99,6 +150,7 @@ class BudgetStream:
         self.app = faust.App(
             APP_ID,
             broker=f"kafka://{settings.bootstrap}",
+            broker_credentials=faust_credentials(settings),
             processing_guarantee="exactly_once",
             store="memory://",
             datadir=str(settings.state_dir / "metering" / "faust"),
@@ -144,40 +196,59 @@ class BudgetStream:
         log.info("budget stream ready", app=APP_ID)
 
     async def _route(self, stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            value: bytes | None = event.value
-            if value is None:
-                continue
-            if event.message.topic == USAGE:
-                charge = events_pb2.UsageCharged()
-                try:
-                    charge.ParseFromString(value)
-                except DecodeError:  # the ledger view dead-letters it; budgets skip it
-                    log.warning("undecodable ledger entry skipped", offset=event.message.offset)
+        # take_events acknowledges a batch's records only once this loop asks for the
+        # next batch, i.e. after the batch's deltas are sent: they commit together.
+        # (faust's StreamT does not declare take_events; its Stream has it.)
+        batches = cast(faust.Stream[bytes], stream).take_events(ROUTE_BATCH, within=ROUTE_WITHIN_S)
+        async for events in batches:
+            charges: list[events_pb2.UsageCharged] = []
+            for event in events:
+                value: bytes | None = event.value
+                if value is None:
                     continue
-                for name in usage_scopes(charge):
-                    await self.scoped.send(key=name.encode(), value=USAGE_MARK + value)
-            else:
-                policy = billing_pb2.BudgetPolicy()
-                try:
-                    policy.ParseFromString(value)
-                except DecodeError:
-                    log.warning("undecodable budget policy skipped", offset=event.message.offset)
-                    continue
-                if policy.budget.period not in PERIOD_NAMES:
-                    continue
-                name = scope(policy.budget.tenant, policy.budget.key_id)
-                await self.scoped.send(key=name.encode(), value=POLICY_MARK + value)
+                if event.message.topic == USAGE:
+                    charge = events_pb2.UsageCharged()
+                    try:
+                        charge.ParseFromString(value)
+                    except DecodeError:  # the ledger view dead-letters it; budgets skip it
+                        log.warning("undecodable ledger entry skipped", offset=event.message.offset)
+                        continue
+                    charges.append(charge)
+                else:
+                    # Charges read before a policy count before it, as they would one by one.
+                    await self._send_sums(charges)
+                    charges = []
+                    await self._send_policy(value, event.message.offset)
+            await self._send_sums(charges)
+
+    async def _send_sums(self, charges: list[events_pb2.UsageCharged]) -> None:
+        for (name, minute), spend in sum_charges(charges, datetime.now(UTC)).items():
+            await self.scoped.send(key=name.encode(), value=encode_delta(minute, spend))
+
+    async def _send_policy(self, value: bytes, offset: int) -> None:
+        policy = billing_pb2.BudgetPolicy()
+        try:
+            policy.ParseFromString(value)
+        except DecodeError:
+            log.warning("undecodable budget policy skipped", offset=offset)
+            return
+        if policy.budget.period not in PERIOD_NAMES:
+            return
+        name = scope(policy.budget.tenant, policy.budget.key_id)
+        await self.scoped.send(key=name.encode(), value=POLICY_MARK + value)
 
     async def _account(self, stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             name = bytes(event.key).decode()
             mark, body = event.value[:1], event.value[1:]
             now = datetime.now(UTC)
-            if mark == USAGE_MARK:
-                charge = events_pb2.UsageCharged()
-                charge.ParseFromString(body)
-                await self._count(name, charge, now)
+            if mark == DELTA_MARK:
+                at, spend = decode_delta(body)
+                await self._count(name, spend, at, now)
+            elif mark == USAGE_MARK:  # left on the topic by a version that routed every charge
+                charge = events_pb2.UsageCharged.FromString(body)
+                at = datetime.fromtimestamp(charge_minute(charge, now), UTC)
+                await self._count(name, Spend.of(charge), at, now)
             else:
                 policy = billing_pb2.BudgetPolicy()
                 policy.ParseFromString(body)
@@ -204,11 +275,10 @@ class BudgetStream:
         name = scope(budget.tenant, budget.key_id)
         return state(budget, self.spend(name, PERIOD_NAMES[budget.period], now), now)
 
-    async def _count(self, scope_name: str, charge: events_pb2.UsageCharged, now: datetime) -> None:
-        at = charge.completed_at.ToDatetime(tzinfo=UTC) if charge.HasField("completed_at") else now
+    async def _count(self, scope_name: str, spend: Spend, at: datetime, now: datetime) -> None:
         before = {period: self.spend(scope_name, period, now) for period in PERIODS}
         windows = dict(self.windows.get(scope_name) or {})
-        add_to_windows(windows, charge, at)
+        add_to_windows(windows, spend, at)
         self.windows[scope_name] = windows
         for budget in self.budgets_of(scope_name):
             period = PERIOD_NAMES[budget.period]

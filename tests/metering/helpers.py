@@ -23,8 +23,10 @@ from services.metering.reader import read_committed
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.stack import Stack
-from sluice.topics import COMPLETIONS, USAGE
+from sluice.topics import BUDGETS, COMPLETIONS, USAGE
 from sluice.v1 import billing_pb2, envelope_pb2, events_pb2
+from streams.budget_rules import budget_key
+from streams.metering_budgets import POLICIES
 
 FINISHES = (
     events_pb2.FINISH_REASON_STOP,
@@ -103,6 +105,26 @@ async def charges(bootstrap: str, tenant: str) -> dict[tuple[str, int], list[eve
         if charge.envelope.tenant == tenant and charge.kind == billing_pb2.CHARGE_KIND_COMPLETION:
             found[(charge.envelope.request_id, charge.envelope.attempt)].append(charge)
     return found
+
+
+async def set_budget(bootstrap: str, budget: billing_pb2.Budget) -> None:
+    """Publish a budget policy as SetBudget does, without needing the API up."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        policy = billing_pb2.BudgetPolicy(budget=budget)
+        await producer.send_and_wait(POLICIES, policy.SerializeToString(), key=budget_key(budget).encode())
+    finally:
+        await producer.stop()
+
+
+async def budget_state(bootstrap: str, budget: billing_pb2.Budget) -> events_pb2.BudgetState | None:
+    """The newest committed state of `budget` on sluice.budgets.v1, if any."""
+    newest = None
+    async for record in read_committed(bootstrap, BUDGETS):
+        if record.key == budget_key(budget).encode() and record.value:
+            newest = events_pb2.BudgetState.FromString(record.value)
+    return newest
 
 
 def metric(settings: Settings, service: str, name: str, **labels: str) -> float:
