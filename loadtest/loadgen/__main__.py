@@ -26,19 +26,23 @@ def build_target(args: argparse.Namespace) -> Target:
         if not args.base_url:
             raise SystemExit("--base-url is required for --target openai")
         return OpenAITarget(args.base_url, args.model or "fixed-timing", args.api_key or None)
+    from sluice import tls
     from sluice.cli import demo_key
     from sluice.config import load_settings
+    from sluice.kafka_security import client_options
 
     settings = load_settings()
     key = args.api_key or demo_key(settings)
     if args.target == "grpc":
-        return GrpcTarget(args.address or settings.grpc_target("gateway"), key, args.model)
+        address = args.address or settings.grpc_target("gateway")
+        return GrpcTarget(address, key, args.model, credentials=tls.channel_credentials(settings))
     return KafkaIngressTarget(
         args.bootstrap or settings.bootstrap,
         key,
         tenant=args.tenant,
         model=args.model,
         reply_topic=args.reply_topic or f"replies.{args.tenant}.loadtest",
+        kafka_options=client_options(settings),
     )
 
 

@@ -30,8 +30,10 @@ class GrpcTarget(TargetBase):
         timeout_s: float = 120.0,
         max_tokens: int | None = None,
         channels: int = 1,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """`model` empty means Sluice's default model; `channels` > 1 spreads streams over connections."""
+        """`model` empty means Sluice's default model; `channels` > 1 spreads streams over connections;
+        `credentials` for a gateway serving TLS (sluice.tls.channel_credentials)."""
         self.name = name
         self.address = address
         self.model = model
@@ -39,6 +41,7 @@ class GrpcTarget(TargetBase):
         self._timeout_s = timeout_s
         self._max_tokens = max_tokens
         self._count = channels
+        self._credentials = credentials
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: itertools.cycle[gateway_pb2_grpc.GatewayStub] | None = None
 
@@ -47,8 +50,13 @@ class GrpcTarget(TargetBase):
 
     async def start(self) -> None:
         if not self._channels:
-            self._channels = [grpc.aio.insecure_channel(self.address) for _ in range(self._count)]
+            self._channels = [self._channel() for _ in range(self._count)]
             self._stubs = itertools.cycle([gateway_pb2_grpc.GatewayStub(c) for c in self._channels])
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.address)
+        return grpc.aio.secure_channel(self.address, self._credentials)
 
     async def close(self) -> None:
         for channel in self._channels:

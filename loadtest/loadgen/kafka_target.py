@@ -48,8 +48,10 @@ class KafkaIngressTarget(TargetBase):
         name: str = "sluice-kafka",
         timeout_s: float = 120.0,
         max_tokens: int | None = None,
+        kafka_options: dict[str, Any] | None = None,
     ) -> None:
-        """`model` empty means Sluice's default; the reply topic is created if missing."""
+        """`model` empty means Sluice's default; the reply topic is created if missing.
+        `kafka_options` are extra client settings (sluice.kafka_security.client_options)."""
         self.name = name
         self.bootstrap = bootstrap
         self.tenant = tenant
@@ -61,6 +63,7 @@ class KafkaIngressTarget(TargetBase):
         self._secret = signing_secret
         self._timeout_s = timeout_s
         self._max_tokens = max_tokens
+        self._options = dict(kafka_options or {})
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -79,21 +82,29 @@ class KafkaIngressTarget(TargetBase):
         if self._producer is not None:
             return
         await self._ensure_reply_topic()
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        partitions = consumer.partitions_for_topic(self.reply_topic) or {0}
-        tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the end offsets now, before any request can be answered
-            await consumer.position(tp)
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0, **self._options)
         await producer.start()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self._options
+        )
+        try:
+            # The producer waits for the topic's metadata; the consumer reads every partition.
+            partitions = await producer.partitions_for(self.reply_topic)
+            await consumer.start()
+            tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the end offsets now, before any request can be answered
+                await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            await producer.stop()
+            raise
         self._consumer, self._producer = consumer, producer
         self._reader = asyncio.create_task(self._read_replies(consumer))
 
     async def _ensure_reply_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self._options)
         await admin.start()
         try:
             if self.reply_topic not in set(await admin.list_topics()):
