@@ -18,6 +18,7 @@ import structlog
 
 from services.gateway import keys
 from services.gateway.auth import KeyStore
+from services.gateway.ingress import IngressSigning
 from sluice.cli import Commands, demo_key, print_json
 from sluice.config import Settings
 from sluice.v1 import keys_pb2
@@ -84,11 +85,22 @@ def cmd_create(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"sluice: {exc}") from None
     _run(settings, keys.publish(settings.bootstrap, [record]))
+    # For Kafka producers that sign (docs/ingress.md); `sluice ingress secret` shows it again.
+    ingress_secret = IngressSigning.from_settings(settings).secret(key_id).hex()
     if getattr(args, "json", False):
-        print_json({"key_id": key_id, "tenant": args.tenant, "role": args.role, "api_key": key})
+        print_json(
+            {
+                "key_id": key_id,
+                "tenant": args.tenant,
+                "role": args.role,
+                "api_key": key,
+                "ingress_secret": ingress_secret,
+            }
+        )
     else:
         print(f"key_id: {key_id}  tenant: {args.tenant}  role: {args.role}")
         print(f"api key (shown once, store it now): {key}")
+        print(f"kafka ingress signing secret: {ingress_secret}")
     return 0
 
 

@@ -36,6 +36,7 @@ from services.gateway.validation import Invalid, validate
 from services.metering.reader import topic_partitions
 from sluice.config import Settings
 from sluice.kafka import Output, send, started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
 from sluice.topics import BATCH_REPLIES, BATCHES
@@ -87,6 +88,7 @@ class BatchBook:
         consumer = await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 client_id="sluice-gateway-batches-reader",
                 enable_auto_commit=False,
                 fetch_max_wait_ms=50,
@@ -199,6 +201,7 @@ class BatchCollector:
             AIOKafkaConsumer(
                 BATCH_REPLIES,
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 group_id=COLLECTOR_GROUP,
                 client_id="sluice-gateway-batch-collector",
                 enable_auto_commit=False,
@@ -326,13 +329,12 @@ class Batches:
             runtime.producer, "gateway", Output(BATCHES, batches_pb2.BatchRecord(opened=opened), batch_id)
         )
         self.book.opened[batch_id] = opened
-        key = servicer.keys.records[caller.key_id]
         for item, checked, request_id in zip(request.requests, valid, request_ids, strict=True):
             output = servicer.request_output(item, checked, request_id, caller, context.peer())
             output.event.batch = True
             output.event.batch_id = batch_id
             output.event.reply_to.CopyFrom(envelope_pb2.ReplyTo(topic=BATCH_REPLIES))
-            await send_signed(runtime.producer, "gateway", output, key)
+            await send_signed(runtime.producer, "gateway", output, caller.key_id, servicer.signing)
         log.info("batch submitted", batch_id=batch_id, tenant=caller.tenant, requests=len(valid))
         return gateway_pb2.SubmitBatchResponse(batch_id=batch_id, request_ids=request_ids)
 

@@ -7,8 +7,15 @@ so the check on the request path is a dictionary lookup, not a call.
 
 Requests per minute are also counted here as they are admitted, because a
 request is only charged once it finishes: the stream alone would let a burst through.
+
 A key's own rate limit (requests and tokens per minute, on its sluice.keys.v1
-record) is counted the same way, per gateway replica.
+record) holds across all replicas. Each replica counts what it admits itself at
+once, and learns what the others admitted from the request index, which folds
+every request's first record on sluice.requests.v1 (by key, minute and the
+replica that sent it; services/gateway/request_index.py). Tokens come from
+sluice.completions.v1 the same way. So the count is global, late only by the
+index's lag (well under a second): a replica can over-admit by at most what the
+other replicas admitted within that lag (docs/gateway.md).
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from aiokafka import AIOKafkaConsumer
 from google.protobuf.message import DecodeError
 
 from services.gateway.auth import Principal
+from services.gateway.request_index import RequestIndex, minute_of
 from services.metering.reader import topic_partitions
 from sluice.kafka import with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
 from sluice.topics import BUDGETS
@@ -52,6 +61,9 @@ class BudgetGuard:
     # key_id -> (minute start, tokens its finished requests used in it)
     _tokens: dict[str, tuple[datetime, int]] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Every replica's admissions and tokens per key and minute; None: this replica's only.
+    index: RequestIndex | None = None
+    origin: int = -1  # this replica's reply partition: how the index names its admissions
 
     async def run(self) -> None:
         consumer = await with_backoff("budgets reader", "gateway", self._start)
@@ -68,6 +80,7 @@ class BudgetGuard:
     async def _start(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **client_options(),
             client_id="sluice-gateway-budgets",
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -127,19 +140,40 @@ class BudgetGuard:
         start, count = self._admitted.get((tenant, key), (None, 0))
         return count if start == window_start("minute", now) else 0
 
+    def key_requests(self, key_id: str, tenant: str, now: datetime) -> int:
+        """Requests of the key admitted this minute by every replica.
+
+        Ours count from memory (immediate); the index adds the other replicas'. After a
+        restart within the minute, the index's record of our own admissions stands in.
+        """
+        mine = self._admitted_now(tenant, key_id, now)
+        if self.index is None:
+            return mine
+        minute = minute_of(int(now.timestamp() * 1000))
+        by_origin = self.index.admitted(key_id, minute)
+        others = sum(n for origin, n in by_origin.items() if origin != self.origin)
+        return max(mine, by_origin.get(self.origin, 0)) + others
+
+    def key_tokens(self, key_id: str, now: datetime) -> int:
+        """Tokens the key's finished requests used this minute, on any replica we know of."""
+        start, used = self._tokens.get(key_id, (None, 0))
+        mine = used if start == window_start("minute", now) else 0
+        if self.index is None:
+            return mine
+        return max(mine, self.index.tokens(key_id, minute_of(int(now.timestamp() * 1000))))
+
     def check_key(self, caller: Principal, now: datetime) -> Rejection | None:
-        """The key's own per-minute limits, from its record on sluice.keys.v1."""
+        """The key's own per-minute limits, from its record on sluice.keys.v1, over all replicas."""
         reset = window_end("minute", window_start("minute", now))
-        made = self._admitted_now(caller.tenant, caller.key_id, now)
+        made = self.key_requests(caller.key_id, caller.tenant, now)
         if caller.requests_per_minute and made >= caller.requests_per_minute:
             return Rejection(
                 f"rate limit: key {caller.key_id} allows {caller.requests_per_minute} requests per minute; "
                 f"resets at {stamp(reset)}",
                 reset,
             )
-        start, used = self._tokens.get(caller.key_id, (None, 0))
-        this_minute = start == window_start("minute", now)
-        if caller.tokens_per_minute and this_minute and used >= caller.tokens_per_minute:
+        used = self.key_tokens(caller.key_id, now)
+        if caller.tokens_per_minute and used >= caller.tokens_per_minute:
             return Rejection(
                 f"rate limit: key {caller.key_id} allows {caller.tokens_per_minute} tokens per minute "
                 f"({used} used); resets at {stamp(reset)}",

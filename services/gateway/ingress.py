@@ -8,11 +8,13 @@ one rule for every record and no unsigned back door (docs/ingress.md).
 
 Two ways to authenticate, in record headers:
 
-- `sluice-signature: key_id=<id>,ts=<unix s>,sig=<hex>`: HMAC-SHA256 keyed by
-  the key's stored hash (`sluice ingress secret` prints it) over `signed_text`.
-  The secret never travels, and the signature binds the payload, the record
-  key, the reply topic and a timestamp (refused when older than
-  SLUICE_INGRESS_SIGNATURE_MAX_AGE_S).
+- `sluice-signature: key_id=<id>,ts=<unix s>,sig=<hex>`: HMAC-SHA256 over
+  `signed_text`, keyed by the key's ingress signing secret. That secret is
+  derived from the server master key and the key id (`IngressSigning`), so it
+  is on no topic: reading sluice.keys.v1 is not enough to sign. It is shown
+  at `sluice keys create` and by `sluice ingress secret`. It never travels,
+  and the signature binds the payload, the record key, the reply topic and a
+  timestamp (refused when older than SLUICE_INGRESS_SIGNATURE_MAX_AGE_S).
 - `sluice-key-ref: <key_id>:<hex SHA-256 of the key>`: the key's hash as a
   bearer token, for producers that cannot sign. Whoever reads the topic can
   reuse it, so only where sluice.requests.v1 is locked down.
@@ -35,13 +37,16 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import RecordMetadata
 
 from services.gateway import keys as key_material
 from services.gateway.auth import KeyStore, Principal, _principal
 from services.gateway.validation import Invalid, validate
+from services.redaction.vault import Keyring, keyring_from_settings
 from sluice import metrics
 from sluice.config import Settings
 from sluice.kafka import Output, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import BATCH_REPLIES, TOKENS, BadEvent
 from sluice.v1 import events_pb2, gateway_pb2, keys_pb2
@@ -53,6 +58,7 @@ KEY_REF = "sluice-key-ref"
 REPLY_TO = "sluice-reply-to"
 REPLY_MODE = "sluice-reply-mode"
 SIGNED_PREFIX = "sluice-ingress-v1"
+SIGNING_PURPOSE = "ingress-signing"
 # Reply topics only Sluice's own services may name (in the body, not the header).
 INTERNAL_REPLY_TOPICS = (TOKENS, BATCH_REPLIES)
 # How long an unknown key id may be waited for: a key made a moment ago may not be read yet.
@@ -71,9 +77,27 @@ def signed_text(ts: int, request_id: str, reply_to: str, value: bytes) -> bytes:
     return f"{SIGNED_PREFIX}\n{ts}\n{request_id}\n{reply_to}\n{digest}".encode()
 
 
-def signing_secret(record: keys_pb2.ApiKey) -> bytes:
-    """The HMAC key of a producer: the key's salted hash, which only the key's owner can derive."""
-    return bytes(record.key_hash)
+@dataclass(frozen=True)
+class IngressSigning:
+    """Per-key signing secrets, derived from a server-side master key.
+
+    HKDF-SHA256(master, info = "sluice/ingress-signing/<key_id>"): one secret per
+    key, computable only where the master key is (gateways, redaction, the
+    operator's CLI) and never written to any topic, so a reader of
+    sluice.keys.v1 cannot forge a signature. The master is the server key that
+    every gateway and redaction instance already holds (SLUICE_REDACTION_MASTER_KEY,
+    or <state_dir>/redaction-master.key locally); the `info` label separates this
+    use from the redaction keys derived from it.
+    """
+
+    keyring: Keyring
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngressSigning:
+        return cls(keyring_from_settings(settings))
+
+    def secret(self, key_id: str) -> bytes:
+        return self.keyring.key(key_id, SIGNING_PURPOSE)
 
 
 def signature_header(
@@ -89,15 +113,16 @@ def key_ref_header(key_id: str, key: str) -> tuple[str, bytes]:
 
 
 async def send_signed(
-    producer: AIOKafkaProducer, service: str, output: Output, record: keys_pb2.ApiKey
-) -> None:
-    """Produce a request signed for `record`'s key (the gateway, on its caller's behalf)."""
+    producer: AIOKafkaProducer, service: str, output: Output, key_id: str, signing: IngressSigning
+) -> RecordMetadata:
+    """Produce a request signed for the key `key_id` (the gateway, on its caller's behalf)."""
     value = output.event.SerializeToString()
-    header = signature_header(record.key_id, signing_secret(record), output.key, value)
-    await producer.send_and_wait(
+    header = signature_header(key_id, signing.secret(key_id), output.key, value)
+    written = await producer.send_and_wait(
         output.topic, value, key=output.key.encode(), headers=[*output.headers, header]
     )
     metrics.EVENTS_PRODUCED.labels(service, output.topic).inc()
+    return written
 
 
 def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
@@ -123,7 +148,9 @@ class ReplyTopics:
         return topic in self._ready
 
     async def _led(self, topic: str) -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-ingress")
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, **client_options(), client_id="sluice-ingress"
+        )
         await admin.start()
         try:
             # Listing first: a metadata request naming a missing topic may auto-create it.
@@ -146,10 +173,16 @@ class Ingress:
     settings: Settings
     keys: KeyStore
     topics: ReplyTopics
+    signing: IngressSigning
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ingress:
-        return cls(settings, KeyStore.shared(settings), ReplyTopics(settings.bootstrap))
+        return cls(
+            settings,
+            KeyStore.shared(settings),
+            ReplyTopics(settings.bootstrap),
+            IngressSigning.from_settings(settings),
+        )
 
     def guard(
         self,
@@ -232,7 +265,7 @@ class Ingress:
         key = await self._record(key_id)
         request_id = bytes(record.key or b"").decode(errors="replace")
         text = signed_text(int(ts), request_id, reply_to, record.value or b"")
-        expected = hmac.new(signing_secret(key), text, hashlib.sha256).hexdigest()
+        expected = hmac.new(self.signing.secret(key.key_id), text, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, sig.lower()):
             raise Rejected(f"{SIGNATURE}: signature does not match")
         return _principal(key)

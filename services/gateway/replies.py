@@ -2,6 +2,11 @@
 
 The reader has no consumer group: a gateway replica owns one partition and only
 needs what arrives after it starts, so it seeks to the end once and never commits.
+
+`replay` is the other way in, for an idempotent retry that attaches to a request
+already running or done (maybe on another replica): it reads the owner's reply
+partition from the time the request was published, so the retry gets the whole
+answer from its first token, live if it is still running.
 """
 
 from __future__ import annotations
@@ -17,23 +22,32 @@ from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
 
 log = get_logger()
+Replies = asyncio.Queue[events_pb2.ReplyEvent]
+# Replies that come before a request's first chunk (or instead of chunks): seeing one
+# first means the replay starts at the beginning of the answer.
+WHOLE_FROM = ("pseudonyms", "restarted", "finished", "failed")
 
 
 class ReplyRouter:
     def __init__(self, bootstrap: str, partition: int) -> None:
         self.bootstrap = bootstrap
         self.partition = partition
-        self._waiting: dict[str, asyncio.Queue[events_pb2.ReplyEvent]] = {}
+        # Usually one call per request; two when the same idempotency key arrives twice at once.
+        self._waiting: dict[str, list[Replies]] = {}
         self.ready = asyncio.Event()
 
-    def register(self, request_id: str) -> asyncio.Queue[events_pb2.ReplyEvent]:
+    def register(self, request_id: str) -> Replies:
         """Register before publishing the request, so no reply can slip past."""
-        queue: asyncio.Queue[events_pb2.ReplyEvent] = asyncio.Queue()
-        self._waiting[request_id] = queue
+        queue: Replies = asyncio.Queue()
+        self._waiting.setdefault(request_id, []).append(queue)
         return queue
 
-    def unregister(self, request_id: str) -> None:
-        self._waiting.pop(request_id, None)
+    def unregister(self, request_id: str, queue: Replies) -> None:
+        queues = self._waiting.get(request_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._waiting.pop(request_id, None)
 
     def in_flight(self, request_id: str) -> bool:
         return request_id in self._waiting
@@ -59,6 +73,62 @@ class ReplyRouter:
         except DecodeError:
             log.warning("undecodable reply dropped", partition=self.partition)
             return
-        queue = self._waiting.get(event.envelope.request_id)
-        if queue is not None:
+        for queue in self._waiting.get(event.envelope.request_id, ()):
             queue.put_nowait(event)
+
+
+def gone(request_id: str, attempt: int) -> events_pb2.ReplyEvent:
+    """What `replay` reports when a finished request's replies have left sluice.tokens.v1."""
+    event = events_pb2.ReplyEvent(
+        failed=events_pb2.StreamFailed(
+            code="ALREADY_EXISTS",
+            message=f"idempotency_key: request {request_id} already ran, and its answer is no longer "
+            "kept on sluice.tokens.v1 (retention); it is not run twice",
+            stage="gateway",
+        )
+    )
+    event.envelope.request_id, event.envelope.attempt = request_id, attempt
+    return event
+
+
+async def replay(
+    bootstrap: str,
+    partition: int,
+    request_id: str,
+    attempt: int,
+    since_ms: int,
+    finished: bool,
+    queue: Replies,
+) -> None:
+    """Put every reply of `request_id` on `partition` from `since_ms` on into `queue`, then follow.
+
+    If the request had `finished` before this started and its replies are no longer
+    there (sluice.tokens.v1 keeps them an hour), `gone` is put in instead.
+    """
+    tp = TopicPartition(TOKENS, partition)
+    consumer = await start_partition_reader(bootstrap, "gateway", "sluice-gateway-attach", tp)
+    try:
+        end = await consumer.position(tp)
+        found = (await consumer.offsets_for_times({tp: since_ms})).get(tp)
+        consumer.seek(tp, found.offset if found is not None else end)
+        whole = not finished  # a running request's replies are all still to come or kept
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=500, max_records=500)
+            for record in batches.get(tp, ()):
+                event = events_pb2.ReplyEvent()
+                try:
+                    event.ParseFromString(record.value or b"")
+                except DecodeError:
+                    continue
+                if event.envelope.request_id != request_id:
+                    continue
+                kind = event.WhichOneof("body")
+                # The answer is whole if its first chunk (or its end) is still on the partition.
+                whole = whole or kind in WHOLE_FROM or (kind == "chunk" and event.chunk.seq == 0)
+                if whole:
+                    queue.put_nowait(event)
+            if not whole and await consumer.position(tp) >= end:
+                queue.put_nowait(gone(request_id, attempt))
+                return
+    finally:
+        await consumer.stop()

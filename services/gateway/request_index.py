@@ -1,10 +1,21 @@
-"""Which tenant owns a request and whether it has finished, on every gateway replica.
+"""What every gateway replica knows of every request, from Kafka alone.
 
-Feedback may reach any replica, not only the one that streamed the answer, so
-each replica folds sluice.requests.v1, sluice.prompts.v1 and
-sluice.completions.v1 (every partition, no consumer group) into its own SQLite
-file: request_id -> tenant, finished. Only ids are kept, never text. The
-offsets are stored with the rows, so a restart resumes where it stopped.
+Feedback and idempotent retries may reach any replica, not only the one that
+streamed the answer, so each replica folds sluice.requests.v1,
+sluice.prompts.v1, sluice.completions.v1 and sluice.control.v1 (every
+partition, no consumer group) into its own SQLite file. Per request: tenant,
+finished, and who owns its newest attempt; per key and minute: requests
+admitted (by the replica that sent them) and tokens used. Only ids and counts
+are kept, never text. The offsets are stored with the rows, so a restart
+resumes where it stopped.
+
+**Owner of an attempt.** Records are keyed by request_id, so every record of a
+request is on one partition of sluice.requests.v1, in one order for every
+reader. The first record of an attempt is the one the pipeline runs (every
+consumer drops a repeated (request_id, attempt) as a duplicate), so it is the
+attempt's owner: its reply partition on sluice.tokens.v1, offset and time are
+kept. Two replicas that publish the same idempotent request at once both learn,
+from this same fold, which of them won.
 
 A lookup that misses first waits until the index has read everything committed
 before the call ("read your writes"): a caller who rates an answer right after
@@ -22,17 +33,40 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from services.metering.reader import topic_partitions
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
-from sluice.topics import COMPLETIONS, PROMPTS, REQUESTS, BadEvent, Codec
+from sluice.topics import COMPLETIONS, CONTROL, PROMPTS, REQUESTS, TOKENS, BadEvent, Codec
+from sluice.v1 import events_pb2
 
 log = get_logger()
-SOURCES = (REQUESTS, PROMPTS, COMPLETIONS)
+SOURCES = (REQUESTS, PROMPTS, COMPLETIONS, CONTROL)
+SCHEMA_VERSION = 2  # an older file is rebuilt from Kafka (the index is only a fold of topics)
+NO_OWNER = -1  # an attempt whose replies do not go to a gateway replica (Kafka ingress, batches)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
   request_id TEXT PRIMARY KEY,
   tenant TEXT NOT NULL,
-  finished INTEGER NOT NULL DEFAULT 0
+  finished INTEGER NOT NULL DEFAULT 0,
+  key_id TEXT NOT NULL DEFAULT '',
+  attempt INTEGER NOT NULL DEFAULT 0,      -- the newest attempt on sluice.requests.v1
+  owner INTEGER NOT NULL DEFAULT -1,       -- its reply partition of sluice.tokens.v1
+  owner_offset INTEGER NOT NULL DEFAULT -1,-- its first record's offset on sluice.requests.v1
+  owner_ms INTEGER NOT NULL DEFAULT 0,     -- and that record's timestamp
+  cancelled INTEGER NOT NULL DEFAULT 0     -- a cancel of that attempt was seen
+);
+CREATE TABLE IF NOT EXISTS admitted (
+  key_id TEXT NOT NULL,
+  minute INTEGER NOT NULL,
+  origin INTEGER NOT NULL,                 -- reply partition of the replica that admitted them
+  requests INTEGER NOT NULL,
+  PRIMARY KEY (key_id, minute, origin)
+);
+CREATE TABLE IF NOT EXISTS used (
+  key_id TEXT NOT NULL,
+  minute INTEGER NOT NULL,
+  tokens INTEGER NOT NULL,
+  PRIMARY KEY (key_id, minute)
 );
 CREATE TABLE IF NOT EXISTS offsets (
   topic TEXT NOT NULL,
@@ -47,6 +81,15 @@ CREATE TABLE IF NOT EXISTS offsets (
 class Known:
     tenant: str
     finished: bool
+    attempt: int = 0
+    owner: int = NO_OWNER
+    owner_offset: int = -1
+    owner_ms: int = 0
+    cancelled: bool = False
+
+
+def minute_of(ms: int) -> int:
+    return ms // 60_000
 
 
 @dataclass
@@ -63,13 +106,34 @@ class RequestIndex:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            self._db.executescript("DROP TABLE IF EXISTS requests; DROP TABLE IF EXISTS offsets;")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
 
     def lookup(self, request_id: str) -> Known | None:
         row = self._db.execute(
-            "SELECT tenant, finished FROM requests WHERE request_id = ?", (request_id,)
+            "SELECT tenant, finished, attempt, owner, owner_offset, owner_ms, cancelled"
+            " FROM requests WHERE request_id = ?",
+            (request_id,),
         ).fetchone()
-        return Known(row[0], bool(row[1])) if row else None
+        if row is None:
+            return None
+        return Known(row[0], bool(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
+
+    def admitted(self, key_id: str, minute: int) -> dict[int, int]:
+        """Requests of `key_id` first published in `minute`, per origin (the sender's reply partition)."""
+        rows = self._db.execute(
+            "SELECT origin, requests FROM admitted WHERE key_id = ? AND minute = ?", (key_id, minute)
+        ).fetchall()
+        return {int(origin): int(n) for origin, n in rows}
+
+    def tokens(self, key_id: str, minute: int) -> int:
+        """Tokens the finished requests of `key_id` used in `minute` (all replicas, all producers)."""
+        row = self._db.execute(
+            "SELECT tokens FROM used WHERE key_id = ? AND minute = ?", (key_id, minute)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     async def run(self) -> None:
         consumer = await with_backoff("request index", "gateway", self._start)
@@ -100,6 +164,7 @@ class RequestIndex:
         consumer = await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 client_id="sluice-gateway-request-index",
                 enable_auto_commit=False,
                 isolation_level="read_committed",
@@ -123,7 +188,8 @@ class RequestIndex:
         return consumer
 
     def apply(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Note the request's tenant (first event wins) and, from a completion, that it finished."""
+        """Note the request's tenant (first event wins), its attempts' owners and, from a
+        completion, that it finished."""
         content_type = next((bytes(v) for k, v in record.headers or () if k.lower() == "content-type"), None)
         try:
             event = self.codec.decode(record.topic, record.value, content_type)
@@ -135,11 +201,64 @@ class RequestIndex:
         self._db.execute(
             "INSERT OR IGNORE INTO requests (request_id, tenant) VALUES (?, ?)", (env.request_id, env.tenant)
         )
-        if record.topic == COMPLETIONS:
+        if isinstance(event, events_pb2.GenerationRequested):
+            self._requested(event, record)
+        elif isinstance(event, events_pb2.ControlEvent) and event.HasField("cancel"):
             self._db.execute(
-                "UPDATE requests SET finished = 1 WHERE request_id = ? AND tenant = ?",
-                (env.request_id, env.tenant),
+                "UPDATE requests SET cancelled = 1 WHERE request_id = ? AND tenant = ? AND attempt = ?",
+                (env.request_id, env.tenant, env.attempt),
             )
+        elif isinstance(event, events_pb2.CompletionFinished):
+            changed = self._db.execute(
+                "UPDATE requests SET finished = 1 WHERE request_id = ? AND tenant = ? AND finished = 0"
+                " RETURNING key_id",
+                (env.request_id, env.tenant),
+            ).fetchone()
+            if changed and changed[0]:
+                self._db.execute(
+                    "INSERT INTO used VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET tokens = tokens + ?",
+                    (
+                        changed[0],
+                        minute_of(record.timestamp),
+                        event.usage.total_tokens,
+                        event.usage.total_tokens,
+                    ),
+                )
+
+    def _requested(self, event: events_pb2.GenerationRequested, record: ConsumerRecord[bytes, bytes]) -> None:
+        """The first record of a newer attempt owns it; a Generate call's counts against its key's
+        minute (batch items and Kafka producers' requests are not subject to the gateway's limit)."""
+        env = event.envelope
+        owner = event.reply_to.partition if event.reply_to.topic == TOKENS else NO_OWNER
+        newer = self._db.execute(
+            "UPDATE requests SET attempt = ?, owner = ?, owner_offset = ?, owner_ms = ?, cancelled = 0,"
+            " key_id = ? WHERE request_id = ? AND tenant = ? AND attempt < ?",
+            (
+                env.attempt,
+                owner,
+                record.offset,
+                record.timestamp,
+                event.key_id,
+                env.request_id,
+                env.tenant,
+                env.attempt,
+            ),
+        ).rowcount
+        if newer and event.key_id and owner != NO_OWNER:  # Generate calls, as the key's limit counts
+            self._db.execute(
+                "INSERT INTO admitted VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET requests = requests + 1",
+                (event.key_id, minute_of(record.timestamp), owner),
+            )
+
+    async def indexed(self, topic: str, partition: int, offset: int, timeout: float) -> bool:
+        """Wait until the record at `offset` is folded in; False if not within `timeout`."""
+        tp = TopicPartition(topic, partition)
+        try:
+            async with asyncio.timeout(timeout), self._progress:
+                await self._progress.wait_for(lambda: self._positions.get(tp, -1) > offset)
+        except TimeoutError:
+            return False
+        return True
 
     async def caught_up(self, timeout: float) -> bool:
         """Wait until everything committed before this call is indexed; False if not within `timeout`."""

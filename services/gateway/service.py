@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import structlog
@@ -17,9 +18,10 @@ from services.gateway.auth import KeyStore, Principal, seed_local_keys
 from services.gateway.batches import Batches
 from services.gateway.budgets import BudgetGuard
 from services.gateway.feedback import Feedback
-from services.gateway.ingress import send_signed
+from services.gateway.ingress import IngressSigning, send_signed
 from services.gateway.pseudonyms import Restoration
-from services.gateway.replies import ReplyRouter
+from services.gateway.replies import Replies, ReplyRouter, replay
+from services.gateway.request_index import NO_OWNER, Known, RequestIndex
 from services.gateway.validation import Invalid, ValidRequest, validate
 from services.metering.pricing import format_amount
 from services.redaction.vault import Keyring, keyring_from_settings
@@ -30,10 +32,26 @@ from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import CONTROL, REQUESTS, TOKENS
 from sluice.v1 import envelope_pb2, events_pb2, feedback_pb2, gateway_pb2, gateway_pb2_grpc
+from sluice.v1.events_pb2 import FINISH_REASON_CANCELLED
 
 log = get_logger()
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1d3c1e-9a8b-4c57-9a57-5c1ce0000001")
 REPLAY_CACHE_SIZE = 1000
+# The gRPC receive limit is this, or twice the configured request limit if that is more:
+# a request up to it gets the product's own `request:` INVALID_ARGUMENT, one above it
+# gRPC's RESOURCE_EXHAUSTED (docs/gateway.md).
+RECEIVE_CEILING_BYTES = 16 * 1024 * 1024
+# How long a call that published an idempotent request waits for the request index to
+# show which record of that attempt came first (normally a fraction of a second).
+OWNER_CHECK_S = 10.0
+# Replies are produced after their request, but by other hosts' clocks: read back from
+# a little before the request's timestamp (other requests' replies are skipped anyway).
+CLOCK_SKEW_MS = 5000
+CANCEL_POLL_S = 0.5
+
+
+def receive_limit(settings: Settings) -> int:
+    return max(RECEIVE_CEILING_BYTES, 2 * settings.gateway_max_request_bytes)
 
 
 def _request_id(tenant: str, idempotency_key: str) -> str:
@@ -55,6 +73,7 @@ class Call:
     ended: bool = False  # the pipeline finished or refused it: nothing left to cancel
     tokens: int = 0
     reason: str = ""
+    attached: bool = False  # streams a request another call published (idempotent retry)
 
 
 def total_cost(costs: Iterable[envelope_pb2.Cost]) -> envelope_pb2.Cost | None:
@@ -79,6 +98,23 @@ def _deadline(context: Context) -> Timestamp | None:
     return stamp
 
 
+def _cancelled_text(request_id: str) -> str:
+    return (
+        f"idempotency_key: request {request_id} was cancelled by the call that started it; "
+        "retry to run it again"
+    )
+
+
+def _cancelled_event(request_id: str, attempt: int) -> events_pb2.ReplyEvent:
+    event = events_pb2.ReplyEvent(
+        failed=events_pb2.StreamFailed(
+            code="UNAVAILABLE", message=_cancelled_text(request_id), stage="gateway"
+        )
+    )
+    event.envelope.request_id, event.envelope.attempt = request_id, attempt
+    return event
+
+
 @dataclass
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     settings: Settings
@@ -89,6 +125,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     budgets: BudgetGuard | None = None  # hard budgets and rate limits (metering area)
     feedback: Feedback | None = None  # SubmitFeedback and its stats (services/gateway/feedback.py)
     batches: Batches | None = None  # SubmitBatch and GetBatch (services/gateway/batches.py)
+    signing: IngressSigning | None = None  # signs requests for the caller's key (ingress.py)
     # Finished idempotent requests, replayed instead of re-run.
     _replays: OrderedDict[str, list[gateway_pb2.GenerateResponse]] = field(default_factory=OrderedDict)
     # Idempotent requests whose last attempt was cancelled -> the attempt a retry runs as.
@@ -131,34 +168,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             for response in self._replays[request_id]:
                 yield response
             return
-        if self.replies.in_flight(request_id):
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "idempotency_key: a request with this key is still in progress",
-            )
-        if request.idempotency_key and self._submitted_elsewhere(request_id):
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"idempotency_key: request {request_id} was already submitted through another gateway "
-                "replica or before a restart; it is not run twice",
-            )
+        attempt = self._attempts.get(request_id, 1)
+        known = await self._known(request_id) if request.idempotency_key else None
+        if known is not None and known.attempt:
+            # Cancelled (seen in the index, or by this replica, which sent the cancel): run again.
+            rerun = known.cancelled or self._attempts.get(request_id, 0) > known.attempt
+            if not rerun or self.replies.in_flight(request_id):
+                async for response in self._attach(request_id, known, tenant, valid.model, context):
+                    yield response
+                return
+            attempt = max(attempt, known.attempt + 1)  # cancelled: a retry runs it again
         if self._streams >= self.settings.gateway_max_streams:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"gateway overloaded: {self._streams} streams in flight on this replica; retry shortly",
-            )
+            await self._overloaded(context)
         if self.budgets:
             await self.budgets.enforce(context, caller)
         queue = self.replies.register(request_id)
         self._streams += 1
-        call = Call(request_id, tenant, self._attempts.pop(request_id, 1), _deadline(context))
+        call = Call(request_id, tenant, attempt, _deadline(context))
         sent: list[gateway_pb2.GenerateResponse] = []
         try:
             requested = self._requested(request, valid, call, caller.key_id, context.peer())
             # Signed for the caller's key, as every record on sluice.requests.v1 must be (ingress.py).
-            await send_signed(runtime.producer, "gateway", requested, self.keys.records[caller.key_id])
+            assert self.signing is not None
+            written = await send_signed(runtime.producer, "gateway", requested, caller.key_id, self.signing)
             call.published = True
+            self._attempts.pop(request_id, None)
             log.info("request published", model=valid.model, messages=len(request.messages))
+            winner = None
+            if request.idempotency_key:
+                winner = await self._winner(request_id, written.partition, written.offset)
+            if winner is not None:
+                # The same key reached another call first: its record runs, ours is dropped
+                # downstream as a duplicate. Stream that one's answer instead.
+                call.published = False
+                self.replies.unregister(request_id, queue)
+                attach = self._attach(request_id, winner, tenant, valid.model, context, counted=True)
+                async for response in attach:
+                    yield response
+                return
             first = gateway_pb2.GenerateResponse(request_id=request_id, model=valid.model)
             sent.append(first)
             yield first
@@ -168,7 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield response
         finally:
             self._streams -= 1
-            self.replies.unregister(request_id)
+            self.replies.unregister(request_id, queue)
             structlog.contextvars.unbind_contextvars("request_id", "tenant")
             if call.published and not call.ended:
                 self._cancel(runtime, call)
@@ -177,16 +224,98 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if request.idempotency_key:
             self._remember(request_id, sent)
 
-    def _submitted_elsewhere(self, request_id: str) -> bool:
-        """Known on sluice.requests.v1 but neither replayable nor re-runnable here.
+    @property
+    def index(self) -> RequestIndex | None:
+        return self.feedback.index if self.feedback else None
 
-        Its answer went to another replica's reply partition, and re-publishing it would
-        be dropped downstream as a duplicate (same request_id and attempt): say so at once
-        instead of letting the retry wait for a reply that never comes.
+    async def _known(self, request_id: str) -> Known | None:
+        """What the request index knows of an idempotent request, if it was ever published.
+
+        A retry of a call still streaming on this replica waits for the index to catch up
+        (its record may be a moment old); any other miss is settled after publishing, by
+        `_winner`, so a first call pays no wait here.
         """
-        if request_id in self._attempts or self.feedback is None:
-            return False
-        return self.feedback.index.lookup(request_id) is not None
+        if self.index is None:
+            return None
+        known = self.index.lookup(request_id)
+        if known is None and self.replies.in_flight(request_id):
+            await self.index.caught_up(OWNER_CHECK_S)
+            known = self.index.lookup(request_id)
+        return known
+
+    async def _winner(self, request_id: str, partition: int, offset: int) -> Known | None:
+        """The attempt's owner if it is not the record we just wrote at `offset`, else None.
+
+        Every replica folds sluice.requests.v1 in the same order, and the first record of
+        an attempt is the one the pipeline runs, so two replicas that publish the same
+        idempotent request at once agree on the winner without talking to each other.
+        """
+        if self.index is None:
+            return None
+        if not await self.index.indexed(REQUESTS, partition, offset, OWNER_CHECK_S):
+            log.warning("request index lagging; assuming this call owns its request")
+            return None
+        known = self.index.lookup(request_id)
+        if known is None or known.owner_offset == offset:
+            return None
+        return known
+
+    async def _overloaded(self, context: Context) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"gateway overloaded: {self._streams} streams in flight on this replica; retry shortly",
+        )
+
+    async def _attach(
+        self, request_id: str, known: Known, tenant: str, model: str, context: Context, counted: bool = False
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Stream a request another call published: its owner's replies, from the first token.
+
+        The answer is read back from the owner's partition of sluice.tokens.v1, live if the
+        request still runs, so it is never run twice. This call does not own the request:
+        leaving it cancels nothing.
+        """
+        if known.owner == NO_OWNER:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"idempotency_key: request {request_id} was already submitted, and its answer goes "
+                "to a Kafka reply topic or a batch; it is not run twice",
+            )
+        if not counted:
+            if self._streams >= self.settings.gateway_max_streams:
+                await self._overloaded(context)
+            self._streams += 1
+        queue: Replies = asyncio.Queue()
+        call = Call(request_id, tenant, known.attempt, None, attached=True)
+        since = known.owner_ms - CLOCK_SKEW_MS
+        feed = asyncio.create_task(
+            replay(
+                self.settings.bootstrap, known.owner, request_id, known.attempt, since, known.finished, queue
+            )
+        )
+        watch = asyncio.create_task(self._watch_cancel(request_id, known.attempt, queue))
+        log.info("idempotent retry attached", owner_partition=known.owner, attempt=known.attempt)
+        try:
+            yield gateway_pb2.GenerateResponse(request_id=request_id, model=model)
+            restore = Restoration(self.keyring, tenant, request_id)
+            async for response in self._stream(queue, call, context, restore):
+                yield response
+        finally:
+            if not counted:
+                self._streams -= 1
+            for task in (feed, watch):
+                task.cancel()
+            await asyncio.gather(feed, watch, return_exceptions=True)
+
+    async def _watch_cancel(self, request_id: str, attempt: int, queue: Replies) -> None:
+        """Tell an attached call when the attempt it follows is cancelled by its own caller."""
+        assert self.index is not None
+        while True:
+            known = self.index.lookup(request_id)
+            if known is not None and known.cancelled and known.attempt == attempt:
+                queue.put_nowait(_cancelled_event(request_id, attempt))
+                return
+            await asyncio.sleep(CANCEL_POLL_S)
 
     def _cancel(self, runtime: Runtime, call: Call) -> None:
         """Tell every stage the caller went away (sluice.control.v1), without blocking the unwind."""
@@ -250,7 +379,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_id = call.request_id
         finished: events_pb2.StreamFinished | None = None
         costs: dict[int, envelope_pb2.Cost] = {}  # per attempt: a re-run bills each attempt
-        attempt = 1
+        attempt = call.attempt
         next_seq = 0
         while finished is None or attempt not in costs:
             timeout = self.settings.gateway_cost_wait_s if finished else self.settings.gateway_reply_timeout_s
@@ -281,6 +410,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield gateway_pb2.GenerateResponse(request_id=request_id, delta=delta)
             elif kind == "pseudonyms":
                 restore.open(event.pseudonyms)
+            elif (
+                kind == "finished"
+                and call.attached
+                and event.finished.finish_reason == FINISH_REASON_CANCELLED
+            ):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _cancelled_text(request_id))
             elif kind == "finished":
                 finished = event.finished
                 call.ended, call.tokens = True, finished.usage.total_tokens
@@ -356,9 +491,16 @@ class GatewayService(Service):
         self.replies = ReplyRouter(settings.bootstrap, settings.gateway_reply_partition)
         self.servicer = GatewayServicer(settings, KeyStore(settings.bootstrap), self.replies)
         self.servicer.keyring = keyring_from_settings(settings)
-        self.servicer.budgets = BudgetGuard(settings.bootstrap)
+        self.servicer.signing = IngressSigning(self.servicer.keyring)
         self.servicer.feedback = Feedback(settings)
+        self.servicer.budgets = BudgetGuard(
+            settings.bootstrap, index=self.servicer.feedback.index, origin=settings.gateway_reply_partition
+        )
         self.servicer.batches = Batches(settings)
+
+    def server_options(self) -> Sequence[tuple[str, Any]]:
+        # Above the request limit, so an oversize request gets the gateway's own answer.
+        return [("grpc.max_receive_message_length", receive_limit(self.settings))]
 
     def apis(self) -> Sequence[GrpcApi]:
         return [

@@ -17,7 +17,6 @@ from tests.gateway.conftest import (
     first_of,
     generate,
     on_topic,
-    rejected,
     request,
 )
 
@@ -69,11 +68,15 @@ def test_an_idempotent_retry_attaches_and_a_cancelled_one_reruns_as_the_next_att
 ) -> None:
     idem = uuid.uuid4().hex
     first, call = first_of(channel, demo_key, request(max_tokens=200, idempotency_key=idem))
-    # While the first call streams, a retry names the same request and is told it is running.
-    busy = rejected(lambda: generate(channel, demo_key, request(max_tokens=200, idempotency_key=idem)))
-    assert busy.code() == grpc.StatusCode.ALREADY_EXISTS
+    # While the first call streams, a retry attaches to the same request; leaving it cancels nothing.
+    attached, retry = first_of(channel, demo_key, request(max_tokens=200, idempotency_key=idem))
+    assert attached.request_id == first.request_id
+    retry.cancel()
     call.cancel()
-    eventually("the cancel", lambda: on_topic(stack, CONTROL, first.request_id, events_pb2.ControlEvent), 60)
+    cancels = eventually(
+        "the cancel", lambda: on_topic(stack, CONTROL, first.request_id, events_pb2.ControlEvent), 60
+    )
+    assert len(cancels) == 1, "only the call that published the request cancels it"
     again, call = first_of(channel, demo_key, request(max_tokens=200, idempotency_key=idem))
     call.cancel()
     assert again.request_id == first.request_id

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
-import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from services.gateway import keys
+from services.gateway.service import receive_limit
+from services.redaction.vault import MASTER_KEY_FILE, load_master_key
 from sluice.stack import Stack
 from sluice.v1 import audit_pb2, audit_pb2_grpc, envelope_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import free_ports
@@ -134,6 +133,25 @@ def test_an_oversize_request_is_invalid_argument(stack: Stack, channel: grpc.Cha
     assert "river" not in (error.details() or "")
 
 
+def test_a_request_over_grpcs_default_4_mib_still_gets_the_products_answer(
+    channel: grpc.Channel, demo_key: str
+) -> None:
+    """The gateway raises gRPC's receive limit above its own, so its check names the field."""
+    big = request("x" * (5 * 1024 * 1024))  # over gRPC's 4 MiB default, under the 16 MiB ceiling
+    error = rejected(lambda: generate(channel, demo_key, big))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("request:")
+
+
+def test_a_request_over_the_receive_ceiling_is_refused_by_grpc(
+    stack: Stack, channel: grpc.Channel, demo_key: str
+) -> None:
+    ceiling = receive_limit(stack.settings)
+    huge = request("x" * (ceiling + 1024))
+    error = rejected(lambda: generate(channel, demo_key, huge))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 @pytest.fixture(scope="module")
 def narrow_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A second gateway replica that serves one stream at a time (own port and reply partition)."""
@@ -146,6 +164,8 @@ def narrow_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
             "gateway_max_streams": 1,
         }
     )
+    # Every gateway signs with the same server master key (docs/ingress.md).
+    (settings.state_dir / MASTER_KEY_FILE).write_bytes(load_master_key(None, stack.settings.state_dir))
     replica = Stack(settings)
     try:
         replica.start_service("gateway")
@@ -163,27 +183,3 @@ def test_an_overloaded_gateway_is_unavailable_at_once(narrow_gateway: Stack, dem
         call.cancel()
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert (error.details() or "").startswith("gateway overloaded:")
-
-
-def test_an_idempotent_retry_on_another_replica_is_refused_not_run_twice(
-    channel: grpc.Channel, narrow_gateway: Stack, demo_key: str
-) -> None:
-    idem = uuid.uuid4().hex
-    first, call = first_of(channel, demo_key, request(max_tokens=2, idempotency_key=idem))
-    call.cancel()
-    index = narrow_gateway.settings.state_dir / "gateway" / "requests-1.sqlite"
-
-    def indexed() -> bool:
-        if not index.exists():
-            return False
-        with contextlib.closing(sqlite3.connect(index)) as db:
-            return (
-                db.execute("SELECT 1 FROM requests WHERE request_id = ?", (first.request_id,)).fetchone()
-                is not None
-            )
-
-    eventually("the other replica's request index", indexed, 60)
-    with grpc.insecure_channel(narrow_gateway.settings.grpc_target("gateway")) as ch:
-        error = admission(ch, demo_key, request(max_tokens=2, idempotency_key=idem))
-    assert error is not None and error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert (error.details() or "").startswith(f"idempotency_key: request {first.request_id}")

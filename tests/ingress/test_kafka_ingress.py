@@ -19,6 +19,7 @@ from services.gateway import keys as key_material
 from services.gateway.ingress import (
     REPLY_MODE,
     REPLY_TO,
+    IngressSigning,
     ReplyTopics,
     key_ref_header,
     signature_header,
@@ -62,6 +63,11 @@ def reply_topics(pipeline: Stack) -> Iterator[None]:
     run(create())
     run(led())
     yield
+
+
+def signing_secret(stack: Stack, key: IngressKey) -> bytes:
+    """The key's signing secret, derived from the stack's server master key."""
+    return IngressSigning.from_settings(stack.settings).secret(key.key_id)
 
 
 def request_json(request_id: str, text: str = "Say hello.", tenant: str = "demo", **extra: object) -> bytes:
@@ -160,7 +166,7 @@ def test_signed_json_request_streams_tokens_and_completion_to_its_reply_topic(
     pipeline: Stack, demo: IngressKey, reply_topics: None
 ) -> None:
     stack = pipeline
-    key_id, secret = demo.key_id, bytes(demo.record.key_hash)  # what `sluice ingress secret` prints
+    key_id, secret = demo.key_id, signing_secret(stack, demo)  # what `sluice ingress secret` prints
     request_id = uuid.uuid4().hex
     value = request_json(request_id, "Write one short sentence about rivers.")
     headers = [JSON, (REPLY_TO, REPLY_TOPIC.encode())]
@@ -207,7 +213,7 @@ def test_each_bad_record_is_dead_lettered_with_its_reason_audited_and_the_consum
     pipeline: Stack, demo: IngressKey, reply_topics: None
 ) -> None:
     stack = pipeline
-    key_id, secret = demo.key_id, bytes(demo.record.key_hash)
+    key_id, secret = demo.key_id, signing_secret(stack, demo)
     limited = make_key(stack.settings.bootstrap, "demo", models=["some-other-model"])
     revoked = make_key(stack.settings.bootstrap, "demo")
     gone = keys_pb2.ApiKey()
@@ -231,6 +237,8 @@ def test_each_bad_record_is_dead_lettered_with_its_reason_audited_and_the_consum
     )
     value = request_json("RID")
     bad_sig = case("badsig", value, [], "sluice-signature: signature does not match")
+    # Whoever can read sluice.keys.v1 sees the stored hash; it is not a signing secret.
+    hash_signed = case("hashsigned", request_json("RID"), [], "sluice-signature: signature does not match")
     unknown = case("unknowntopic", request_json("RID"), [], "sluice-reply-to: unknown topic")
     other = case("othertenant", request_json("RID"), [], "sluice-reply-to: topic 'replies.acme")
     internal = case("internal", request_json("RID"), [], "sluice-reply-to: topic 'sluice.tokens.v1'")
@@ -248,6 +256,10 @@ def test_each_bad_record_is_dead_lettered_with_its_reason_audited_and_the_consum
         if request_id == bad_sig:
             headers = signed(request_id, val)
             val = val.replace(b"Say hello.", b"Say hullo.")  # tampered after signing
+        elif request_id == hash_signed:
+            stored = bytes(demo.record.key_hash)
+            headers = [JSON, (REPLY_TO, REPLY_TOPIC.encode())]
+            headers.append(signature_header(key_id, stored, request_id, val, REPLY_TOPIC))
         elif request_id == unknown:
             headers = signed(request_id, val, "replies.demo.never-created")
         elif request_id == other:
