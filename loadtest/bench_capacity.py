@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def judge(
     p99 = added["ttft_ms"].get("p99")
     reasons = []
     if result.errors:
-        reasons.append(f"{result.errors} errors")
+        statuses = Counter(r.status for r in result.records if not r.ok)
+        reasons.append(f"{result.errors} errors ({', '.join(f'{k}: {v}' for k, v in statuses.items())})")
     if not audited_ok(result):
         reasons.append("loss audit failed")
     if p99 is None or p99 > limit_ms:
