@@ -1,8 +1,13 @@
-"""An OpenAI-compatible streaming endpoint over httpx: the bare upstream, or a peer gateway (LiteLLM).
+"""An OpenAI-compatible streaming endpoint: the bare upstream, or a peer gateway (LiteLLM).
 
 `POST {base_url}/chat/completions` with `stream: true` and
 `stream_options.include_usage`; each SSE chunk with content is a token event,
 and the usage chunk, when the server sends one, gives the output token count.
+
+The client is aiohttp, not httpx: the load generator shares the machine with
+what it measures, and aiohttp's C HTTP parser costs about a third of httpx's
+CPU per streamed request (1.6-1.8 ms against 5.5-6.7 ms for 32-token answers,
+measured side by side on the fixed-timing upstream).
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-from httpx_sse import SSEError, aconnect_sse
+import aiohttp
 
 from loadtest.loadgen.mix import LoadRequest
 from loadtest.loadgen.records import RequestRecord, Timing
 from loadtest.loadgen.target import TargetBase, error_text
+
+DATA = b"data:"
 
 
 class OpenAITarget(TargetBase):
@@ -35,25 +41,24 @@ class OpenAITarget(TargetBase):
         self._api_key = api_key
         self._timeout_s = timeout_s
         self._max_tokens = max_tokens
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def info(self) -> dict[str, Any]:
         return {"kind": "openai", "base_url": self.base_url, "model": self.model}
 
     async def start(self) -> None:
-        if self._client is None:
+        if self._session is None:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
+            self._session = aiohttp.ClientSession(
                 headers=headers,
-                timeout=httpx.Timeout(self._timeout_s),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000),
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                connector=aiohttp.TCPConnector(limit=0),  # open loop: never queue behind a pool
             )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _body(self, request: LoadRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -69,21 +74,23 @@ class OpenAITarget(TargetBase):
 
     async def send(self, request: LoadRequest) -> RequestRecord:
         await self.start()
-        assert self._client is not None
+        assert self._session is not None
         timing = Timing(request.index, request.pii_planted)
         usage_tokens: int | None = None
         finished = False
+        url = f"{self.base_url}/chat/completions"
         try:
-            async with aconnect_sse(
-                self._client, "POST", "/chat/completions", json=self._body(request)
-            ) as sse:
-                if sse.response.status_code != 200:
-                    await sse.response.aread()
-                    return timing.finish(str(sse.response.status_code), "HTTP error")
-                async for event in sse.aiter_sse():
-                    if event.data.strip() == "[DONE]":
+            async with self._session.post(url, json=self._body(request)) as response:
+                if response.status != 200:
+                    await response.read()
+                    return timing.finish(str(response.status), "HTTP error")
+                async for line in response.content:  # SSE: one `data:` line per event
+                    if not line.startswith(DATA):
+                        continue
+                    data = line[len(DATA) :].strip()
+                    if data == b"[DONE]":
                         break
-                    chunk = json.loads(event.data)
+                    chunk = json.loads(data)
                     if chunk.get("error"):
                         return timing.finish("stream_error", "error event in the stream")
                     if chunk.get("usage"):
@@ -92,7 +99,7 @@ class OpenAITarget(TargetBase):
                         if (choice.get("delta") or {}).get("content"):
                             timing.token_event()
                         finished = finished or bool(choice.get("finish_reason"))
-        except (httpx.HTTPError, SSEError, json.JSONDecodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return timing.finish(error_text(exc), "transport or stream failure")
         if not finished:
             return timing.finish("incomplete", "stream ended without a finish reason")

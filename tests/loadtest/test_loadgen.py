@@ -99,9 +99,9 @@ async def test_failures_become_records_with_a_status(tmp_path: Path) -> None:
     async with OpenAITarget(f"http://127.0.0.1:{port}/v1", "m", timeout_s=5) as target:
         result = await run_load(target, rps=5, duration_s=1, mix=PromptMix(), seed=1, progress=False)
     assert result.records and result.errors == len(result.records)
-    assert {r.status for r in result.records} == {"ConnectError"}
+    assert {r.status for r in result.records} == {"ClientConnectorError"}
     summary = write_report(result, tmp_path)["targets"]["openai"]
-    assert summary["errors_by_status"] == {"ConnectError": len(result.records)}
+    assert summary["errors_by_status"] == {"ClientConnectorError": len(result.records)}
     assert summary["ttft_ms"]["p50"] is None
 
 
