@@ -43,3 +43,8 @@ RESTARTED = Counter(
     "sluice_inference_restarted_total", "Prompts re-run as a new attempt after a worker died", ["model"]
 )
 FAILED = Counter("sluice_inference_failed_total", "Generations ended by an engine error", ["model"])
+ENGINE_LOAD_FAILED = Gauge(
+    "sluice_inference_engine_load_failed",
+    "1 when the model's engine failed to load at start: the worker stays NOT_SERVING, out of its group",
+    ["model"],
+)

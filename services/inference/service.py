@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
+from services.inference import metrics
 from services.inference.attempts import AttemptBook
 from services.inference.control import CancelBoard, ControlReader
 from services.inference.engine import Engine, EngineLoadError
@@ -88,15 +89,30 @@ class InferenceService(Service):
             try:
                 self.engines[pool] = await self._start_engine(pool)
             except EngineLoadError as exc:
-                # Health stays NOT_SERVING and no consumer group is joined: leave with the reason.
-                log.error("engine failed to load", model=pool, error=str(exc))
-                raise SystemExit(f"inference: model {pool}: engine failed to load: {exc}") from None
+                await self._unhealthy(pool, exc)
             log.info(
                 "model loaded",
                 model=pool,
                 engine=self.engines[pool].kind,
                 capacity=self.engines[pool].capacity,
             )
+
+    async def _unhealthy(self, pool: str, exc: EngineLoadError) -> None:
+        """Stay up but NOT_SERVING, outside every consumer group, until SIGTERM.
+
+        `serve` reports SERVING and connects consumers only after `prepare`
+        returns, so never returning keeps this worker's partitions with healthy
+        workers, while health checks, the log and the metric say why. Exiting
+        instead would hide the reason behind a restart loop.
+        """
+        metrics.ENGINE_LOAD_FAILED.labels(pool).set(1)
+        log.error(
+            "engine failed to load",
+            model=pool,
+            error=str(exc),
+            action="NOT_SERVING, not joining the consumer group, until stopped",
+        )
+        await asyncio.Event().wait()
 
     async def _start_engine(self, pool: str) -> Engine:
         engine = build_engine(pool, self.settings.catalog.models[pool], self.settings)

@@ -16,15 +16,21 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.metering.reader import read_committed
 from services.prompts.chat_template import ChatTemplate
+from sluice import tls
 from sluice.config import Settings, load_settings
+from sluice.kafka_security import client_options
 from sluice.stack import Stack
 from sluice.topics import CONTROL, DLQ, PROMPTS
 from sluice.v1 import events_pb2
@@ -346,7 +352,9 @@ def test_sigterm_drains_in_flight_work_then_leaves(
     assert "Traceback" not in alive.log.read_text()
 
 
-def test_an_engine_that_cannot_load_never_serves(settings: Settings, tmp_path: Path) -> None:
+def test_an_engine_that_cannot_load_stays_unhealthy_and_out_of_the_group(
+    settings: Settings, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF but not really a model")
     models = tmp_path / "models.yaml"
@@ -356,9 +364,58 @@ def test_an_engine_that_cannot_load_never_serves(settings: Settings, tmp_path: P
     )
     worker = _spawn(settings, "worker-broken", {"SLUICE_MODELS_FILE": str(models)})
     try:
-        assert worker.proc.wait(timeout=120) != 0
+        wait_until(
+            lambda: worker.proc.poll() is not None or worker.logged("engine failed to load", model="broken"),
+            120,
+            "the load failure",
+        )
+        assert worker.proc.poll() is None, "the worker must stay up: " + worker.log.read_text()[-2000:]
+        assert _health(worker.settings) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert _metric(worker.settings, 'sluice_inference_engine_load_failed{model="broken"}') == 1.0
+        assert _group_members(settings, "sluice-inference-broken") == 0
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=60) == 0
     finally:
         if worker.proc.poll() is None:
             kill_hard(worker.proc)
-    assert worker.logged("engine failed to load", model="broken")
     assert not worker.logged("partitions assigned")
+    assert not worker.logged("serving")
+
+
+def _health(settings: Settings) -> int:
+    with tls.channel(settings, settings.grpc_target("inference")) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return int(response.status)
+
+
+def _metric(settings: Settings, sample: str) -> float | None:
+    url = f"http://127.0.0.1:{settings.metrics_port('inference')}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    return None
+
+
+def _group_members(settings: Settings, group: str) -> int:
+    """Members of `group`; a fresh broker's coordinator may need a while to come up (retried)."""
+
+    async def describe() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **client_options())
+        await admin.start()
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    (described,) = await admin.describe_consumer_groups([group])
+                    break
+                except GroupCoordinatorNotAvailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
+        finally:
+            await admin.close()
+        # DescribeGroups rows: (error, group, state, protocol type, protocol, members, ...)
+        return sum(len(g[5]) for g in described.groups)
+
+    return asyncio.run(describe())
