@@ -229,8 +229,8 @@ def verdicts(runs: Mapping[str, Mapping[float, RunResult]]) -> dict[str, str]:
                 if upstream["not_bottleneck"]
                 else "WARNING upstream: " + "; ".join(upstream["problems"])
             )
-            text += f" [lateness p99 {_cell(upstream['token_lateness_p99_ms'], '{:.2f}')} ms,"
-            text += f" CPU {upstream['cpu_share_of_one_core']:.0%} of a core]"
+            text += f" (lateness p99 {_cell(upstream['token_lateness_p99_ms'], '{:.2f}')} ms,"
+            text += f" CPU {upstream['cpu_share_of_one_core']:.0%} of a core)"
             audit = result.extra.get("loss_audit")
             if audit is not None:
                 text += "; loss audit: " + ("zero loss" if audit["ok"] else f"{audit['losses']} PROBLEMS")

@@ -56,6 +56,7 @@ class LossReport:
     completions: int = 0
     charges: int = 0
     trails_complete: int = 0
+    planted: int = 0  # distinct planted strings searched for (0: no PII scan)
     records_scanned: int = 0
     topics_scanned: int = 0
     chain_records_checked: int = 0
@@ -102,7 +103,8 @@ class LossReport:
             f"{self.charges} charges",
             f"{self.trails_complete} complete trails",
             f"chain {'valid' if self.chain_valid else 'BROKEN'} ({self.chain_records_checked} records)",
-            f"{self.records_scanned} records on {self.topics_scanned} topics scanned for PII",
+            f"{self.records_scanned} records on {self.topics_scanned} topics scanned for "
+            f"{self.planted} planted PII strings",
         ]
         problems = [
             f"{name} {len(items)}"
@@ -131,7 +133,7 @@ async def audit_run(
 ) -> LossReport:
     """Check a finished run; waits up to `settle_s` for the pipeline to catch up."""
     wanted = set(request_ids)
-    report = LossReport(requests=len(wanted))
+    report = LossReport(requests=len(wanted), planted=len({text for text in planted if text}))
     deadline = time.monotonic() + settle_s
     codec = Codec(load_plan(settings.topics_file))
     completions, charges = await _ledger(settings.bootstrap, codec, wanted, since_ms, deadline)
