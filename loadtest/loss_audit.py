@@ -136,12 +136,12 @@ async def audit_run(
     report = LossReport(requests=len(wanted), planted=len({text for text in planted if text}))
     deadline = time.monotonic() + settle_s
     codec = Codec(load_plan(settings.topics_file))
-    completions, charges = await _ledger(settings.bootstrap, codec, wanted, since_ms, deadline)
+    completions, charges = await _ledger(settings, codec, wanted, since_ms, deadline)
     _judge_ledger(report, wanted, completions, charges)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     seqs = await _trails(settings, wanted, report, deadline, metadata)
     await _verify_chain(settings, seqs, report, metadata)
-    await _scan_for_pii(settings.bootstrap, planted, since_ms, report)
+    await _scan_for_pii(settings, planted, since_ms, report)
     return report
 
 
@@ -152,14 +152,14 @@ Key = tuple[str, int]
 
 
 async def _ledger(
-    bootstrap: str, codec: Codec, wanted: set[str], since_ms: int, deadline: float
+    settings: Settings, codec: Codec, wanted: set[str], since_ms: int, deadline: float
 ) -> tuple[Counter[Key], Counter[Key]]:
     """Completions and charges of `wanted` per (request_id, attempt), read committed."""
     completions: Counter[Key] = Counter()
     charges: Counter[Key] = Counter()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        **client_options(),
+        bootstrap_servers=settings.bootstrap,
+        **client_options(settings),
         enable_auto_commit=False,
         isolation_level="read_committed",
         client_id="sluice-loss-audit",
@@ -295,12 +295,14 @@ async def _verify_chain(
 # --- PII scan -------------------------------------------------------------------------
 
 
-async def _scan_for_pii(bootstrap: str, planted: Sequence[str], since_ms: int, report: LossReport) -> None:
+async def _scan_for_pii(
+    settings: Settings, planted: Sequence[str], since_ms: int, report: LossReport
+) -> None:
     """Every record of every topic but the raw one, up to the current end, as raw bytes."""
     needles = [(i, text.encode(), text.lower().encode()) for i, text in enumerate(planted) if text]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        **client_options(),
+        bootstrap_servers=settings.bootstrap,
+        **client_options(settings),
         enable_auto_commit=False,
         isolation_level="read_uncommitted",  # aborted transactions' records are on disk too
         client_id="sluice-loss-audit-pii",
