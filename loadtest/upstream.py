@@ -10,7 +10,10 @@ For that the upstream's own timing must be exact and known:
   is when the request's body was read, so a late wake-up does not push back
   the tokens after it (no cumulative sleeps). How late each token actually went
   out is recorded, and `GET /stats` reports it with the process's CPU seconds:
-  the benchmark uses those to prove the upstream was far from saturated.
+  the benchmark uses those to prove the upstream was far from saturated
+  (a non-streamed answer is one sample, at its last token's deadline).
+  Measured cost: about 2.2 ms CPU per 32-token streamed request, most of it
+  the socket write per token, as in any token-streaming server.
 
 Token i's text is `" tok<i>"`. Prompt tokens in the usage are counted by one
 documented rule, `prompt_token_count`: whitespace-separated words of the prompt

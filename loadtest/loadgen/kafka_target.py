@@ -10,6 +10,10 @@ Timing: the clock starts before the produce call (its acknowledgement is part
 of what a producer waits for). TTFT is the first token chunk read from the
 reply topic; end-to-end is when both `finished` and `charged` are read (the
 gRPC target's last response carries the cost too), or `failed`.
+
+A record the ingress refuses (bad key, bad field) goes to sluice.dlq.v1 and
+nothing ever reaches the reply topic, so such a request ends as
+`DEADLINE_EXCEEDED` after `timeout_s`; the dead letter says why.
 """
 
 from __future__ import annotations
