@@ -8,6 +8,8 @@ transactions as the charges, so the committed offset of group `sluice-metering`
 is exactly the number of committed ledger entries; the rate is measured on that
 from the first commit to the last. Finally the ledger is read back and checked
 for exact totals and no duplicates, so a fast but wrong run cannot report a number.
+It also reports the metering process's CPU time (user + sys) per 1,000 entries over
+the same window: on a machine shared with other work that, not the rate, compares runs.
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ from aiokafka.errors import KafkaError
 
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
+from sluice.kafka_security import client_options
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS
 from tests.conftest import _free_offset, free_ports
 from tests.metering.helpers import charges, kill_hard, produce, start_metering, varied_completions, wait_until
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def committed(bootstrap: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets("sluice-metering")
@@ -74,10 +83,12 @@ def main() -> None:
                     lambda: asyncio.run(committed(broker.bootstrap)) > 0, 120, "the first commit", 0.05
                 )
                 first, started = asyncio.run(committed(broker.bootstrap)), time.perf_counter()
+                cpu_start = cpu_seconds(metering.pid)
                 wait_until(
                     lambda: asyncio.run(committed(broker.bootstrap)) >= args.count, 600, "all entries", 0.05
                 )
                 elapsed = time.perf_counter() - started
+                cpu = cpu_seconds(metering.pid) - cpu_start
             finally:
                 kill_hard(metering)
             ledger = asyncio.run(charges(broker.bootstrap, "bench"))
@@ -89,7 +100,9 @@ def main() -> None:
                 f"{settings.metering_transaction_records} entries each), one core "
                 f"({platform.processor() or platform.machine()}, {os.cpu_count()} vCPU host):\n"
                 f"  {args.count - first} entries in {elapsed:.2f}s = {rate:,.0f} entries/s"
-                f"  (ledger checked: {len(ledger)} entries, 0 duplicates)"
+                f"  (ledger checked: {len(ledger)} entries, 0 duplicates)\n"
+                f"  metering process CPU {cpu:.2f}s = {cpu / (args.count - first) * 1000:.3f} CPU-s per 1,000"
+                f" entries; load average {os.getloadavg()[0]:.1f}"
             )
         finally:
             broker.stop()
