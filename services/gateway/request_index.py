@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from sluice.v1 import events_pb2
 log = get_logger()
 SOURCES = (REQUESTS, PROMPTS, COMPLETIONS, CONTROL)
 SCHEMA_VERSION = 2  # an older file is rebuilt from Kafka (the index is only a fold of topics)
+KEEP_MINUTES = 5  # per-minute rate counts kept back from now
 NO_OWNER = -1  # an attempt whose replies do not go to a gateway replica (Kafka ingress, batches)
 
 SCHEMA = """
@@ -101,6 +103,7 @@ class RequestIndex:
     _consumer: AIOKafkaConsumer | None = None
     _positions: dict[TopicPartition, int] = field(default_factory=dict)
     _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _pruned: int = -1  # the minute old rate counts were last dropped in
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,14 @@ class RequestIndex:
         if row is None:
             return None
         return Known(row[0], bool(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
+
+    def _forget_old_minutes(self) -> None:
+        """Rate counts matter only for the current minute: keep a few, so the file stays small."""
+        now = minute_of(int(time.time() * 1000))
+        if now != self._pruned:
+            self._pruned = now
+            for table in ("admitted", "used"):
+                self._db.execute(f"DELETE FROM {table} WHERE minute < ?", (now - KEEP_MINUTES,))
 
     def admitted(self, key_id: str, minute: int) -> dict[int, int]:
         """Requests of `key_id` first published in `minute`, per origin (the sender's reply partition)."""
@@ -153,6 +164,7 @@ class RequestIndex:
                             "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?)",
                             (tp.topic, tp.partition, position),
                         )
+                    self._forget_old_minutes()
                 async with self._progress:
                     self._progress.notify_all()
         finally:
