@@ -24,6 +24,7 @@ from services.metering.reader import read_committed
 from services.prompts.chat_template import ChatTemplate
 from sluice import envelope as envelopes
 from sluice.config import Settings
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS, INFERENCE_ATTEMPTS, TOKENS
 from sluice.v1 import attempts_pb2, envelope_pb2, events_pb2
@@ -126,7 +127,7 @@ class ReplyReader:
 
     async def __aenter__(self) -> ReplyReader:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=IDLE_POLL_MS
         )
         await consumer.start()
         consumer.assign([self.tp])
