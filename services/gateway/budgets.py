@@ -165,15 +165,16 @@ class BudgetGuard:
     def check_key(self, caller: Principal, now: datetime) -> Rejection | None:
         """The key's own per-minute limits, from its record on sluice.keys.v1, over all replicas."""
         reset = window_end("minute", window_start("minute", now))
-        made = self.key_requests(caller.key_id, caller.tenant, now)
-        if caller.requests_per_minute and made >= caller.requests_per_minute:
+        # Only a key with a limit pays for the index lookups.
+        rpm, tpm = caller.requests_per_minute, caller.tokens_per_minute
+        if rpm and self.key_requests(caller.key_id, caller.tenant, now) >= rpm:
             return Rejection(
                 f"rate limit: key {caller.key_id} allows {caller.requests_per_minute} requests per minute; "
                 f"resets at {stamp(reset)}",
                 reset,
             )
-        used = self.key_tokens(caller.key_id, now)
-        if caller.tokens_per_minute and used >= caller.tokens_per_minute:
+        used = self.key_tokens(caller.key_id, now) if tpm else 0
+        if tpm and used >= tpm:
             return Rejection(
                 f"rate limit: key {caller.key_id} allows {caller.tokens_per_minute} tokens per minute "
                 f"({used} used); resets at {stamp(reset)}",

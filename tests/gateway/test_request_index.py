@@ -5,11 +5,14 @@ fold is a pure function of the records in their partition order."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import ConsumerRecord
 from google.protobuf.message import Message
 
+from services.gateway.auth import Principal
+from services.gateway.budgets import BudgetGuard
 from services.gateway.request_index import NO_OWNER, RequestIndex, minute_of
 from sluice.config import Settings
 from sluice.topics import COMPLETIONS, CONTROL, REQUESTS, TOKENS, Codec, load_plan
@@ -85,3 +88,23 @@ def test_tokens_of_a_finished_request_count_once_for_its_key(tmp_path: Path) -> 
     fold.apply(record(COMPLETIONS, 1, done))  # redelivered
     assert fold.tokens("k1", minute_of(NOW_MS)) == 12
     assert fold.lookup("r1").finished  # type: ignore[union-attr]
+
+
+def test_a_keys_limit_counts_this_replicas_admissions_and_the_others_from_the_index(tmp_path: Path) -> None:
+    fold = index(tmp_path)
+    now = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    caller = Principal("acme", "k1", "user", frozenset(), requests_per_minute=3, tokens_per_minute=0)
+    guard = BudgetGuard("unused:9092", index=fold, origin=1)
+    guard.admit("acme", "k1", now)  # this replica, not yet in the index
+    assert guard.check_key(caller, now) is None
+    other = requested(1, partition=2)
+    other.envelope.request_id = "elsewhere"
+    fold.apply(record(REQUESTS, 0, other))
+    assert guard.check_key(caller, now) is None  # 2 of 3
+    mine = requested(1, partition=1)
+    mine.envelope.request_id = "here"
+    fold.apply(record(REQUESTS, 1, mine))  # this replica's own admission, now indexed: not twice
+    assert guard.key_requests("k1", "acme", now) == 2
+    guard.admit("acme", "k1", now)
+    rejection = guard.check_key(caller, now)
+    assert rejection is not None and rejection.message.startswith("rate limit: key k1 allows 3 requests")
