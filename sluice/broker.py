@@ -305,6 +305,10 @@ class LocalBroker:
         pid = self._read_pid()
         return pid is not None and _pid_alive(pid, str(self.config_path.resolve()))
 
+    def _child_alive(self) -> bool:
+        """Our own child broker has not exited (known for sure, unlike the /proc check)."""
+        return self._proc is not None and self._proc.poll() is None
+
     def _write_config(self) -> None:
         # Replication factors of 1 and tiny internal topics: a single dev node
         # cannot satisfy the production defaults and 50-partition topics make
@@ -469,9 +473,11 @@ class LocalBroker:
         """Block until the broker serves Kafka requests as a registered node."""
         deadline = time.monotonic() + timeout
         while True:
-            if not self.is_running():
+            exit_code = self._proc.poll() if self._proc is not None else None
+            if exit_code is not None or (self._proc is None and not self.is_running()):
+                code = "" if exit_code is None else f" (exit {exit_code})"
                 raise BrokerError(
-                    f"kafka broker exited during startup; log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"kafka broker exited during startup{code}; log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             try:
                 if _probe(self.probe_port, timeout=2.0):
@@ -487,8 +493,8 @@ class LocalBroker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM for a clean shutdown (flushes logs), SIGKILL if it hangs."""
-        pid = self._read_pid()
-        if pid is not None and self.is_running():
+        pid = self._read_pid() or (self._proc.pid if self._proc is not None else None)
+        if pid is not None and (self._child_alive() or self.is_running()):
             self._signal(pid, signal.SIGTERM)
             if not self._wait_exit(timeout):
                 self._signal(pid, signal.SIGKILL)
@@ -504,7 +510,7 @@ class LocalBroker:
 
     def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self.is_running():
+        while self._child_alive() or self.is_running():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)

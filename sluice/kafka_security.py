@@ -257,14 +257,27 @@ async def refusal(timeout_s: float = 10.0) -> str | None:
             f"the certificate of Kafka at {profile.bootstrap} is not trusted (check "
             f"SLUICE_KAFKA_SSL_CA_FILE, SLUICE_KAFKA_SSL_CHECK_HOSTNAME): {exc.verify_message}"
         )
-    except ssl.SSLEOFError:
-        return None  # a broker going down mid-handshake: an outage, not a refusal
-    except ssl.SSLError as exc:
+    except Exception as exc:  # unreachable, timed out, or anything else: the caller keeps retrying
+        tls_error = _tls_error(exc)
+        if tls_error is None:
+            return None
         return (
             f"TLS with Kafka at {profile.bootstrap} failed (check SLUICE_KAFKA_SECURITY_PROTOCOL, "
-            f"SLUICE_KAFKA_SSL_CERT_FILE/KEY_FILE for mutual TLS): {exc.reason or exc}"
+            f"SLUICE_KAFKA_SSL_CERT_FILE/KEY_FILE for mutual TLS): {tls_error.reason or tls_error}"
         )
-    except Exception:  # unreachable, timed out, or anything else: the caller keeps retrying
-        return None
     conn.close()
+    return None
+
+
+def _tls_error(exc: BaseException | None) -> ssl.SSLError | None:
+    """A TLS refusal in `exc` or its causes (under TLS 1.3 a broker's "certificate required"
+    alert arrives after the handshake, as the cause of a closed connection)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLEOFError):
+            return None  # a broker going down mid-handshake: an outage, not a refusal
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
     return None

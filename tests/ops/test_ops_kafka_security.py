@@ -313,3 +313,13 @@ def test_an_untrusted_broker_certificate_is_refused(
     )
     with profile(wrong), pytest.raises(ConfigError, match=r"not trusted .*SLUICE_KAFKA_SSL_CA_FILE"):
         asyncio.run(asyncio.wait_for(start_producer(wrong.bootstrap, "ops-test"), GUARD_S))
+
+
+def test_a_missing_client_certificate_is_refused_when_the_broker_requires_one(
+    secure_broker: LocalBroker, tls: TlsMaterial, password_file: Path
+) -> None:
+    values = secure(secure_broker, tls, kafka_sasl_password_file=password_file)
+    del values["kafka_ssl_cert_file"], values["kafka_ssl_key_file"]
+    anonymous = load_settings(**values)
+    with profile(anonymous), pytest.raises(ConfigError, match="SLUICE_KAFKA_SSL_CERT_FILE"):
+        asyncio.run(asyncio.wait_for(start_producer(anonymous.bootstrap, "ops-test"), GUARD_S))
