@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from sluice import envelope as envelopes
 from sluice.kafka import Output, started, wants_chunk, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import INFERENCE_ATTEMPTS, TOKENS, BadEvent, Codec
 from sluice.v1 import attempts_pb2, envelope_pb2, events_pb2
@@ -174,22 +176,28 @@ class AttemptBook:
             self._reader = await with_backoff("attempt reader", "inference", self._start_reader)
         reader: AIOKafkaConsumer = self._reader
         reader.assign([tp])
-        found = (await reader.offsets_for_times({tp: max(0, since_ms)})).get(tp)
-        if found is None:
-            return  # nothing that new
-        reader.seek(tp, found.offset)
-        end = (await reader.end_offsets([tp]))[tp]
-        while await reader.position(tp) < end:
-            for record in (await reader.getmany(tp, timeout_ms=500)).get(tp, []):
-                if record.offset < end:
-                    yield record
+        try:
+            found = (await reader.offsets_for_times({tp: max(0, since_ms)})).get(tp)
+            if found is None:
+                return  # nothing that new
+            reader.seek(tp, found.offset)
+            end = (await reader.end_offsets([tp]))[tp]
+            while await reader.position(tp) < end:
+                for record in (await reader.getmany(tp, timeout_ms=500)).get(tp, []):
+                    if record.offset < end:
+                        yield record
+        finally:
+            # An assigned reader keeps fetching in the background; this one is used
+            # once per assignment, so leave nothing assigned between reads.
+            reader.unsubscribe()
 
     async def _start_reader(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **client_options(),
             client_id=f"sluice-inference-attempts-{self.worker}",
             enable_auto_commit=False,
-            fetch_max_wait_ms=10,
+            fetch_max_wait_ms=IDLE_POLL_MS,
         )
         return await started(consumer)
 

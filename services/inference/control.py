@@ -18,6 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from sluice.kafka import started, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import CONTROL, BadEvent, Codec
 from sluice.v1 import events_pb2
@@ -93,10 +95,13 @@ class ControlReader:
     async def _start(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **client_options(),
             client_id=f"sluice-inference-control-{self.worker}",
             enable_auto_commit=False,
             isolation_level="read_committed",
-            fetch_max_wait_ms=10,
+            # A long poll: the broker answers as soon as a cancel arrives, so this only
+            # sets how often an idle reader asks (10 ms cost a broker core share per worker).
+            fetch_max_wait_ms=IDLE_POLL_MS,
         )
         await started(consumer)
         try:
