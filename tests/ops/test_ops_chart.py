@@ -4,6 +4,7 @@ renders what the architecture needs for every service and every topic."""
 from __future__ import annotations
 
 import base64
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ def _workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _component(doc: dict[str, Any]) -> str:
     return str(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def template_with(helm: Path, sets: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` with `--set sets`, not asserting success (for values that must be refused)."""
+    return run(helm, "template", "sluice", CHART, "--kube-version", KUBE_VERSION, "--set", sets, check=False)
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -119,17 +125,7 @@ def test_gateway_replica_n_reads_reply_partition_n(render: Render) -> None:
 
 def test_more_gateways_than_reply_partitions_is_refused(helm: Path) -> None:
     partitions = PLAN["topics"]["sluice.tokens.v1"]["partitions"]
-    done = run(
-        helm,
-        "template",
-        "sluice",
-        CHART,
-        "--kube-version",
-        KUBE_VERSION,
-        "--set",
-        f"services.gateway.replicas={partitions + 1}",
-        check=False,
-    )
+    done = template_with(helm, f"services.gateway.replicas={partitions + 1}")
     assert done.returncode != 0
     assert "exceeds the partitions of sluice.tokens.v1" in done.stderr
 
@@ -206,16 +202,8 @@ def test_topic_job_gets_the_kafka_login(helm: Path, render: Render) -> None:
     }
     assert any(m["name"] == "kafka-tls" for m in container["volumeMounts"])
     # Without an existing Secret the hook would wait for one the chart creates only after it.
-    done = run(
-        helm,
-        "template",
-        "sluice",
-        CHART,
-        "--kube-version",
-        KUBE_VERSION,
-        "--set",
-        "kafka.security.protocol=SASL_SSL,kafka.security.sasl.username=u,kafka.security.sasl.password=p",
-        check=False,
+    done = template_with(
+        helm, "kafka.security.protocol=SASL_SSL,kafka.security.sasl.username=u,kafka.security.sasl.password=p"
     )
     assert done.returncode != 0 and "needs kafka.security.existingSecret" in done.stderr
 
