@@ -29,6 +29,7 @@ from services.metering.reader import topic_partitions
 from sluice import envelope as envelopes
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
+from sluice.kafka_security import client_options
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS, FEEDBACK, PROMPTS
 from sluice.v1 import events_pb2, feedback_pb2, templates_pb2
@@ -59,7 +60,9 @@ def events(count: int) -> tuple[list[tuple[str, str, bytes]], Counter[tuple[str,
 
 
 async def produce(bootstrap: str, records: list[tuple[str, str, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, **client_options(), acks="all", enable_idempotence=True, linger_ms=5
+    )
     await producer.start()
     try:
         pending = [await producer.send(t, v, key=k.encode()) for t, k, v in records]
@@ -74,7 +77,10 @@ async def watch(
 ) -> tuple[float, float, dict[str, feedback_pb2.FeedbackStats]]:
     """(time of the first total, time all ratings are counted, newest totals per group)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+        bootstrap_servers=bootstrap,
+        **client_options(),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
     )
     await consumer.start()
     latest: dict[str, feedback_pb2.FeedbackStats] = {}

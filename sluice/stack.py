@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from sluice import tls
 from sluice.broker import LocalBroker
@@ -65,6 +66,8 @@ class Stack:
         """The services see exactly the settings this stack was made with."""
         env = dict(os.environ)
         for key, value in self.settings.model_dump(exclude_unset=True).items():
+            if isinstance(value, SecretStr):  # its str() is "**********": pass the secret itself
+                value = value.get_secret_value()
             if value is not None:
                 env[f"SLUICE_{key.upper()}"] = str(value)
         env["SLUICE_KAFKA_BOOTSTRAP"] = self.settings.bootstrap

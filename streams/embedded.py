@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from sluice.kafka import with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 
 log = get_logger()
@@ -33,7 +34,7 @@ async def declare_topics(bootstrap: str, service: str, client_id: str, wanted: I
     topics = list(wanted)
 
     async def create() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options(), client_id=client_id)
         await admin.start()
         try:
             existing = set(await admin.list_topics())

@@ -27,6 +27,7 @@ from faust.types import StreamT
 from google.protobuf.message import DecodeError
 
 from sluice.config import Settings
+from sluice.kafka_security import faust_credentials
 from sluice.logs import get_logger
 from sluice.topics import COMPLETIONS, FEEDBACK, PROMPTS
 from sluice.v1 import events_pb2, feedback_pb2
@@ -131,6 +132,7 @@ class FeedbackStream:
         self.app = faust.App(
             APP_ID,
             broker=f"kafka://{settings.bootstrap}",
+            broker_credentials=faust_credentials(settings),
             processing_guarantee="exactly_once",
             store="memory://",
             datadir=str(settings.state_dir / "gateway" / f"feedback-faust-{replica}"),

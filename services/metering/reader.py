@@ -8,6 +8,7 @@ from datetime import datetime
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 
 SERVICE = "metering"
 
@@ -25,6 +26,7 @@ async def read_committed(
     async def start() -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **client_options(),
             client_id="sluice-metering-replay",
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -73,7 +75,9 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
 
 async def high_watermarks(bootstrap: str, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
     """Where each partition ends, open transactions included."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **client_options(), isolation_level="read_uncommitted"
+    )
     await consumer.start()
     try:
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
