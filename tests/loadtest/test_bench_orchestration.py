@@ -12,32 +12,36 @@ from pathlib import Path
 import pytest
 
 from loadtest import bench_overhead
+from sluice.config import SERVICES, Settings
+from tests.conftest import paused
 
 
 # Two stacks start in turn (Sluice's six services, then LiteLLM); on a loaded machine that is slow.
 @pytest.mark.timeout(1500)
 def test_bench_overhead_runs_sluice_and_litellm_against_one_upstream(
-    topics_ready: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    topics_ready: str, stack_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The session's broker stands in for the bench's own (SLUICE_KAFKA_BOOTSTRAP is honoured).
+    # The session's broker stands in for the bench's own (SLUICE_KAFKA_BOOTSTRAP is honoured);
+    # the session stack, if other tests started it, would share the bench stack's consumer groups.
     monkeypatch.setenv("SLUICE_KAFKA_BOOTSTRAP", topics_ready)
     out = tmp_path / "overhead"
-    code = bench_overhead.main(
-        [
-            "--rps",
-            "2",
-            "--duration",
-            "3",
-            "--warmup",
-            "1",
-            "--targets",
-            "bd",
-            "--tokens",
-            "8",
-            "--out",
-            str(out),
-        ]
-    )
+    with paused(stack_settings, *SERVICES):
+        code = bench_overhead.main(
+            [
+                "--rps",
+                "2",
+                "--duration",
+                "3",
+                "--warmup",
+                "1",
+                "--targets",
+                "bd",
+                "--tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
     assert code == 0
     report = json.loads((out / "rps-2" / "report.json").read_text())
     assert set(report["targets"]) == {
