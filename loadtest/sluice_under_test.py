@@ -6,11 +6,9 @@ thing between the load generator and the same upstream the other targets use.
 Each stack gets its own state directory, ports and (unless SLUICE_KAFKA_BOOTSTRAP
 is set) its own broker, so a benchmark never touches a developer's `make up`.
 
-Redaction cannot be switched off: a tenant policy needs at least one entity
-(services/redaction/policy.py) and the analyzer runs spaCy NER on every input
-whatever the entities. The `redaction=False` variant is therefore the lightest
-supported set-up: output redaction off (SLUICE_OUTPUT_REDACTION=false) and a
-one-entity, pattern-only input policy. docs/loadtest.md says so next to its numbers.
+The `redaction=False` variant gives every tenant a policy with `redact: false`
+(the redaction service passes its text on unanalysed, and the inference worker
+does not redact its output), so it measures Sluice without the privacy boundary.
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ from sluice.config import DEFAULTS_DIR, SERVICES, Settings, load_settings
 from sluice.stack import Stack
 
 BENCH_MODEL = "bench-upstream"
-# The smallest policy the redaction service accepts: one pattern-only entity.
-MINIMAL_POLICY = {"version": "bench-min-1", "language": "en", "entities": {"PRIVATE_KEY": {}}}
+# The explicit opt-out: no analysis of input or output.
+NO_REDACTION_POLICY = {"version": "bench-off-1", "language": "en", "redact": False}
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,8 @@ def write_prices(path: Path) -> Path:
     return path
 
 
-def write_minimal_policies(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({"tenants": {"*": MINIMAL_POLICY, "demo": MINIMAL_POLICY}}))
+def write_no_redaction_policies(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"tenants": {"*": NO_REDACTION_POLICY, "demo": NO_REDACTION_POLICY}}))
     return path
 
 
@@ -147,8 +145,7 @@ def run_sluice(
         **{f"{name}_port": first + i for i, name in enumerate(SERVICES)},
     }
     if not redaction:
-        overrides["output_redaction"] = False
-        overrides["redaction_policies_file"] = write_minimal_policies(workdir / "policies.yaml")
+        overrides["redaction_policies_file"] = write_no_redaction_policies(workdir / "policies.yaml")
     stack = Stack(load_settings(**overrides))
     try:
         for name in SERVICES:

@@ -27,7 +27,10 @@ from services.redaction.streaming import StreamRedactor
 from services.redaction.vault import Keyring, keyring_from_settings
 from sluice.config import Settings
 from sluice.kafka import RequestFailed
+from sluice.logs import get_logger
 from sluice.v1 import privacy_pb2
+
+log = get_logger()
 
 __all__ = ["Boundary", "DeadlineExceeded", "InvalidText", "MicroBatcher", "PolicyError", "RedactionError"]
 
@@ -199,6 +202,8 @@ class Boundary:
     ) -> tuple[Applied, TenantPolicy]:
         """Analyze with micro-batching; raises instead of ever returning unredacted text."""
         policy = self.policy(tenant, language)
+        if not policy.redact:
+            return _unanalysed(texts, policy), policy
         self._require_model()
         assert self._batcher is not None
         if not any(texts):
@@ -211,11 +216,18 @@ class Boundary:
     ) -> tuple[Applied, TenantPolicy]:
         """The same, synchronously, for callers without an event loop (CLI, output streams)."""
         policy = self.policy(tenant, language)
+        if not policy.redact:
+            return _unanalysed(texts, policy), policy
         redactor = self._require_model()
         findings = redactor.find_many(
             [job_for(texts, policy)], language=policy.language, deadline=time.monotonic() + self.deadline_s
         )[0]
         return apply_policy(texts, findings, policy, self.keyring.hash_salt(tenant)), policy
+
+
+def _unanalysed(texts: Sequence[str], policy: TenantPolicy) -> Applied:
+    """A tenant that opted out (`redact: false`): its text passes as it came."""
+    return apply_policy(texts, [[] for _ in texts], policy, b"")
 
 
 # What policies may name. A test checks the analyzer really supports each one;
@@ -266,6 +278,9 @@ def boundary_from_settings(settings: Settings) -> Boundary:
         supported_entities=SUPPORTED_ENTITIES,
         supported_languages=SUPPORTED_LANGUAGES,
     )
+    for tenant, policy in policies.items():
+        if not policy.redact:
+            log.warning("policy opts out of redaction: text passes unanalysed", tenant=tenant)
     return Boundary(
         PolicyBook(policies),
         keyring_from_settings(settings),
@@ -318,6 +333,8 @@ def stream_redactor_for(boundary: Boundary | None, tenant: str, settings: Settin
     if boundary is None:
         return None
     try:
+        if not boundary.policy(tenant).redact:
+            return None
         return output_redactor(boundary, tenant, settings.output_redaction_holdback_chars)
     except PolicyError as exc:
         raise RequestFailed("INVALID_ARGUMENT", str(exc)) from None

@@ -52,7 +52,10 @@ class TenantPolicy(BaseModel):
 
     version: str = Field(min_length=1)
     language: str = "en"
-    entities: dict[str, EntityRule] = Field(min_length=1)
+    # False is an explicit opt-out: this tenant's text is passed on unanalysed (e.g. a
+    # tenant whose data holds no personal data, or an overhead benchmark). Never a default.
+    redact: bool = True
+    entities: dict[str, EntityRule] = Field(default_factory=dict)
     # Exact strings never redacted (e.g. the company's own support address).
     allow: list[str] = Field(default_factory=list)
     # Exact strings always redacted (case-insensitive, whole words), as DENY_LIST.
@@ -100,6 +103,8 @@ def parse_policy(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise PolicyError(f"{_field_path(where, err['loc'])}: {err['msg']}") from None
+    if policy.redact and not policy.entities:
+        raise PolicyError(f"{where}.entities: name at least one entity (or set redact: false to opt out)")
     for name in policy.entities:
         if name not in supported_entities:
             supported = ", ".join(sorted(supported_entities))

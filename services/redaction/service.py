@@ -154,6 +154,8 @@ class RedactionService(Service):
             raise BadEvent(str(exc)) from None
         if policy is None:
             log.info("policy override removed", tenant=event.tenant)
+        elif not policy.redact:
+            log.warning("policy applied: opts out of redaction", tenant=event.tenant, version=policy.version)
         else:
             log.info("policy applied", tenant=event.tenant, version=policy.version)
         return ()

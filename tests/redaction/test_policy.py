@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from services.redaction.analyzer import Redactor
+from services.redaction.analyzer import RedactionError, Redactor
 from services.redaction.boundary import (
     SUPPORTED_ENTITIES,
     Boundary,
     boundary_from_settings,
     parse_tenant_policy,
+    stream_redactor_for,
 )
 from services.redaction.policy import PolicyError
 from sluice.config import DEFAULTS_DIR, Settings, load_settings
@@ -39,7 +40,8 @@ def test_the_shipped_policy_file_loads(settings: Settings) -> None:
         ("version: v1\nlanguage: fr\nentities: {PERSON: {}}", "tenants.acme.language: unsupported language"),
         ("version: v1\nentities: {PERSON: {}}\ncolour: blue", "tenants.acme.colour:"),
         ("entities: {PERSON: {}}", "tenants.acme.version:"),
-        ("version: v1\nentities: {}", "tenants.acme.entities:"),
+        ("version: v1\nentities: {}", "tenants.acme.entities: name at least one entity"),
+        ("version: v1", "tenants.acme.entities: name at least one entity"),
         ("version: v1\nentities: {PERSON: {}}\ndeny: ['  ']", "tenants.acme.deny:"),
         ("version: v1\nentities: {PERSON: {}}\npseudonym_ttl_s: 0", "tenants.acme.pseudonym_ttl_s:"),
         ("version: [unclosed", "tenants.acme: not valid YAML"),
@@ -135,6 +137,26 @@ def test_run_time_override_replaces_and_resets(tmp_path: Path, loaded_redactor: 
     assert b.policy("acme").version == "v2"
     b.policies.override("acme", None)
     assert b.policy("acme").version == "v1"
+
+
+async def test_a_policy_that_opts_out_passes_text_unanalysed(tmp_path: Path) -> None:
+    """`redact: false` needs no model and no entities; text, counts and vault stay empty of findings."""
+    path = tmp_path / "policies.yaml"
+    path.write_text("tenants:\n  acme:\n    version: off-1\n    redact: false\n")
+    b = boundary_from_settings(load_settings(state_dir=tmp_path, redaction_policies_file=path))
+    for applied, policy in (b.redact_now("acme", [TEXT]), await b.redact("acme", [TEXT])):
+        assert applied.texts == [TEXT]
+        assert applied.entity_counts == {} and applied.originals == {}
+        assert policy.version == "off-1"
+    assert stream_redactor_for(b, "acme", load_settings(state_dir=tmp_path)) is None
+
+
+def test_an_analysing_policy_still_needs_the_model(tmp_path: Path) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text("tenants:\n  acme:\n    version: v1\n    entities: {PERSON: {}}\n")
+    b = boundary_from_settings(load_settings(state_dir=tmp_path, redaction_policies_file=path))
+    with pytest.raises(RedactionError):
+        b.redact_now("acme", [TEXT])
 
 
 def test_default_policy_file_is_in_the_package() -> None:
