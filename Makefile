@@ -40,7 +40,7 @@ protos: $(STAMP)
 	$(PY) tools/gen_json_schemas.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sluice services tests
+	$(VENV)/bin/ruff check sluice services streams loadtest tests
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
 	@tmp=$$(mktemp -d) && tools/gen_protos.sh $$tmp && \

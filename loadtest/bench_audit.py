@@ -122,10 +122,10 @@ def index_location(backend: str, work: Path, name: str) -> Path | str:
     """A fresh index: a SQLite file, or a new database on a local PostgreSQL server."""
     if backend == "sqlite":
         return work / f"{name}.sqlite"
-    import pgserver  # type: ignore[import-not-found]  # dev extra
+    import pgserver  # type: ignore[import-not-found,unused-ignore]  # dev extra
     import psycopg
 
-    server = pgserver.get_server(work / "pg", cleanup_mode="stop")
+    server = pgserver.get_server(work / "pg", cleanup_mode="stop")  # type: ignore[attr-defined,unused-ignore]
     with psycopg.connect(server.get_uri(), autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     return str(server.get_uri(name))

@@ -96,7 +96,8 @@ def print_table(title: str, result: dict[str, Any]) -> None:
 
 def texts_300(rows: list[dict[str, Any]], n: int) -> list[str]:
     """~300-character texts: eval texts joined or trimmed at a word boundary."""
-    out, buf = [], ""
+    out: list[str] = []
+    buf = ""
     pool = [r["text"].replace("\n", " ") for r in rows if "PRIVATE KEY" not in r["text"]]
     i = 0
     while len(out) < n:
