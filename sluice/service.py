@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from sluice import logs, tls, tracing
+from sluice import kafka_security, logs, tls, tracing
 from sluice.config import ServiceName, Settings
 from sluice.grpc_metrics import MetricsInterceptor
 from sluice.kafka import EventConsumer, start_producer
@@ -89,6 +89,10 @@ class Service:
     def apis(self) -> Sequence[GrpcApi]:
         return ()
 
+    def server_options(self) -> Sequence[tuple[str, Any]]:
+        """gRPC server options (e.g. the gateway's receive limit); none by default."""
+        return ()
+
     async def connect(self, runtime: Runtime) -> Sequence[Consumer]:
         return ()
 
@@ -103,9 +107,13 @@ class Service:
 async def serve(service: Service) -> None:
     settings = service.settings
     name = service.name
+    kafka_security.configure(settings)  # every client this service builds uses its settings
     start_http_server(settings.metrics_port(name), addr=settings.host)
 
-    server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), MetricsInterceptor(name)])
+    server = grpc.aio.server(
+        interceptors=[*tracing.server_interceptors(), MetricsInterceptor(name)],
+        options=service.server_options(),
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [api.name for api in service.apis()]

@@ -24,6 +24,7 @@ from services.gateway import keys
 from services.metering.reader import topic_partitions
 from sluice.config import Settings
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
 from sluice.topics import KEYS
@@ -112,6 +113,7 @@ class KeyStore:
         return await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 client_id="sluice-keys-reader",
                 enable_auto_commit=False,
                 fetch_max_wait_ms=100,

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from services.metering.reader import topic_partitions
 from sluice.kafka import started, with_backoff
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.v1 import feedback_pb2
 from streams.feedback_stats import FEEDBACK_STATS
@@ -44,6 +45,7 @@ class FeedbackView:
         consumer = await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
+                **client_options(),
                 client_id="sluice-gateway-feedback-stats",
                 enable_auto_commit=False,
                 isolation_level="read_committed",
