@@ -225,6 +225,10 @@ class EventConsumer:
     # joins the poll's texts into one nlp.pipe batch). Outputs are still produced in poll order,
     # each record dead-letters on its own, and a redelivery within the poll is still dropped.
     concurrent: bool = False
+    # With `batch_transactions`: called once a poll's records are handled; the outputs it
+    # returns join that poll's transaction, after the records' own. For outputs about the
+    # poll as a whole (metering's budget sums), which then commit exactly when its records do.
+    poll_outputs: Callable[[], Sequence[Output]] | None = None
     _consumer: AIOKafkaConsumer | None = None
     _pending: list[Output] = field(default_factory=list)
     _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -252,6 +256,8 @@ class EventConsumer:
                 # re-delivers at most this poll, which the (request_id, attempt) dedupe absorbs.
                 await self._commit(handled)
                 if self._pending_offsets:
+                    if self.poll_outputs is not None:
+                        self._pending.extend(self.poll_outputs())  # once: retries resend the same
                     await with_backoff("produce", self.service, self._produce_batch)
         finally:
             await consumer.stop()

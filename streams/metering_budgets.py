@@ -1,28 +1,27 @@
 """Windowed usage totals and budgets, as a faust-streaming app with exactly-once processing.
 
-Two agents:
+What counts reaches the app already summed, on an internal topic keyed by scope
+(tenant, key, model, template), so each scope's state lives on one partition:
 
-- `route` reads committed ledger entries (sluice.usage.v1) and budget policies
-  (sluice.budget-policies.v1) a batch at a time, sums the batch's charges per
-  scope (tenant, key, model, template) and minute, and sends one delta per
-  scope and minute onto an internal topic keyed by scope, so each scope's state
-  lives on one partition. Summing first is what makes the stream cheap: a batch
-  of a thousand charges of one tenant is a handful of deltas, not thousands of
-  routed copies and table writes.
+- the pricer (services/metering/pricer.py) sums each poll's charges per scope and
+  UTC minute (`delta_outputs`) and produces the sums in the same Kafka transaction
+  as the charges themselves and the completions' offsets; it forwards budget
+  policies (sluice.budget-policies.v1) the same way (`policy_output`). A re-pricing
+  sends its corrections' sums in the transaction of the corrections.
 - `account` adds each delta to the scope's totals for the current minute, hour,
   day and month in a faust table, and for each tenant/key budget publishes its
   state to the compacted sluice.budgets.v1 and alerts at 80% and 100% to
   sluice.budget-alerts.v1.
 
-Table changes, outputs and input offsets commit in Kafka transactions per
-commit interval (faust `processing_guarantee="exactly_once"`), and a batch's
-input offsets are acknowledged only after its deltas are sent. But faust gives
+Why there is no faust stage between the ledger and the scoped topic: faust gives
 each destination partition its own transactional id and commits them one after
-the other: `route`'s input offsets (sluice.usage.v1, 6 partitions) and its
-deltas (the scoped topic, 3 partitions) are not in one transaction, so a crash
-between the two commits can count a batch twice or not at all (known defect,
-issue #6; tests/metering/test_metering_budget_replay.py). `account` is exact:
-its input (the scoped topic) and its table changelog share partitions and ids.
+the other, so a stage reading sluice.usage.v1 (6 partitions) and sending to the
+scoped topic (3) could count a batch twice or not at all after a crash (issue #6).
+`account` is exact: its input and its tables' changelogs have the same partitions,
+so faust commits a scoped partition's offsets and the table writes it caused in
+one transaction. Its outputs (states, alerts) go to other topics: a state is
+republished whole on the next change, and an alert may repeat or go missing
+around a crash.
 """
 
 from __future__ import annotations
@@ -43,9 +42,10 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from sluice.config import Settings
+from sluice.kafka import Output
 from sluice.kafka_security import faust_credentials
 from sluice.logs import get_logger
-from sluice.topics import BUDGETS, USAGE
+from sluice.topics import BUDGETS
 from sluice.v1 import billing_pb2, events_pb2
 from streams.budget_rules import (
     PERIOD_NAMES,
@@ -72,13 +72,12 @@ TABLE_PARTITIONS = 3
 BUDGET_ALERTS = Counter(
     "sluice_budget_alerts_total", "Budget thresholds crossed (80 and 100 percent)", ["tenant", "threshold"]
 )
+# Older formats on the scoped topic, sent by the faust `route` stage this replaced; they are
+# read until the topic's retention drops them. New values are ScopedBudgetChange protos.
 DELTA_MARK = b"D"  # JSON [minute start (epoch s), nanos, tokens, requests]
-USAGE_MARK = b"U"  # one UsageCharged per scope: what `route` sent before it summed batches
-POLICY_MARK = b"P"
-# A batch closes at this many input records or after this long, whichever comes first;
-# the wait adds at most this much to the time a crossed hard budget takes to block.
-ROUTE_BATCH = 2000
-ROUTE_WITHIN_S = 0.05
+USAGE_MARK = b"U"  # one UsageCharged per scope
+POLICY_MARK = b"P"  # a BudgetPolicy
+OLD_MARKS = (DELTA_MARK, USAGE_MARK, POLICY_MARK)
 Deltas = dict[tuple[str, int], Spend]
 
 
@@ -117,13 +116,60 @@ def sum_charges(charges: Iterable[events_pb2.UsageCharged], now: datetime) -> De
     return deltas
 
 
+def delta_outputs(charges: Iterable[events_pb2.UsageCharged], now: datetime) -> list[Output]:
+    """The scoped-topic records that count `charges`: one per scope and minute.
+
+    The caller produces them in the transaction that produces the charges (or
+    commits the records they come from), which is what makes budgets exact.
+    """
+    outputs = []
+    for (name, minute), spend in sum_charges(charges, now).items():
+        delta = billing_pb2.BudgetDelta(
+            minute_start=minute, nanos=spend.nanos, tokens=spend.tokens, requests=spend.requests
+        )
+        outputs.append(Output(SCOPED, billing_pb2.ScopedBudgetChange(delta=delta), name))
+    return outputs
+
+
+def policy_output(policy: billing_pb2.BudgetPolicy) -> list[Output]:
+    """The scoped-topic record that sets `policy` for its scope (none for an unknown period)."""
+    if policy.budget.period not in PERIOD_NAMES:
+        return []
+    name = scope(policy.budget.tenant, policy.budget.key_id)
+    return [Output(SCOPED, billing_pb2.ScopedBudgetChange(policy=policy), name)]
+
+
 def encode_delta(minute: int, spend: Spend) -> bytes:
+    """The older JSON form of a delta (still read, see OLD_MARKS)."""
     return DELTA_MARK + json.dumps([minute, *spend.as_list()]).encode()
 
 
 def decode_delta(body: bytes) -> tuple[datetime, Spend]:
     minute, nanos, tokens, requests = json.loads(body)
     return datetime.fromtimestamp(minute, UTC), Spend(nanos, tokens, requests)
+
+
+def decode_change(value: bytes, now: datetime) -> tuple[datetime, Spend] | billing_pb2.BudgetPolicy:
+    """A scoped-topic value, in the current or an older form: a delta (when, what) or a policy.
+
+    Raises DecodeError (or ValueError for old JSON) on a value that is neither.
+    """
+    mark, body = value[:1], value[1:]
+    if mark == DELTA_MARK:
+        return decode_delta(body)
+    if mark == USAGE_MARK:
+        charge = events_pb2.UsageCharged.FromString(body)
+        return datetime.fromtimestamp(charge_minute(charge, now), UTC), Spend.of(charge)
+    if mark == POLICY_MARK:
+        return billing_pb2.BudgetPolicy.FromString(body)
+    change = billing_pb2.ScopedBudgetChange.FromString(value)
+    if change.WhichOneof("change") == "policy":
+        return change.policy
+    if change.WhichOneof("change") != "delta":
+        raise ValueError("scoped budget change: neither delta nor policy")
+    delta = change.delta
+    at = datetime.fromtimestamp(delta.minute_start, UTC)
+    return at, Spend(delta.nanos, delta.tokens, delta.requests)
 
 
 def add_to_windows(windows: dict[str, list[Any]], spend: Spend, at: datetime) -> None:
@@ -144,6 +190,29 @@ def add_to_windows(windows: dict[str, list[Any]], spend: Spend, at: datetime) ->
         total = Spend(*current[1:])
         total.add(spend)
         windows[period] = [start, *total.as_list()]
+
+
+class AwaitedTable(faust.Table):  # type: ignore[type-arg]
+    """A faust table whose changelog writes an agent can wait for.
+
+    faust sends table changes from a buffer, so a change can still be unsent when
+    faust commits the record that made it; `written` waits until the broker has
+    every change so far (in the current transaction, or an earlier one).
+    """
+
+    def __post_init__(self) -> None:  # faust Services call this at the end of __init__
+        super().__post_init__()
+        self._unsent: list[asyncio.Future[Any]] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        future = super().send_changelog(*args, **kwargs)
+        self._unsent.append(future)
+        return future
+
+    async def written(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if unsent:
+            await asyncio.gather(*unsent)
 
 
 class BudgetStream:
@@ -167,20 +236,24 @@ class BudgetStream:
         )
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"
-        self.inputs = self.app.topic(USAGE, POLICIES, **raw)
         self.scoped = self.app.topic(SCOPED, internal=True, partitions=SCOPED_PARTITIONS, **raw)
         self.budgets_out = self.app.topic(BUDGETS, **raw)
         self.alerts_out = self.app.topic(ALERTS, **raw)
         # scope|period|window start -> [nanos, tokens, requests]
         # scope -> {period: [window start, nanos, tokens, requests]}: one changelog write per
         # scope and charge. Plain JSON values: faust's typed values would need faust Records.
-        self.windows = self.app.Table("windows", default=None)
+        # "offset" holds the scoped-topic offset last counted in (see `_account`).
+        self.windows = self._table("windows")
         # scope|period -> Budget, serialized and base64-encoded (tables hold JSON)
-        self.policies = self.app.Table("policies", default=None)
-        self.app.agent(self.inputs, name="route")(self._route)
+        self.policies = self._table("policies")
         self.app.agent(self.scoped, name="account")(self._account)
         self.app.finalize()
         self.ready = asyncio.Event()
+
+    def _table(self, name: str) -> AwaitedTable:
+        table = AwaitedTable(self.app, name=name, default=None, beacon=self.app.tables.beacon)
+        self.app.tables.add(table)
+        return table
 
     async def run(self) -> None:
         """Run embedded in the metering process until cancelled."""
@@ -199,64 +272,27 @@ class BudgetStream:
         self.ready.set()
         log.info("budget stream ready", app=APP_ID)
 
-    async def _route(self, stream: StreamT[bytes]) -> None:
-        # take_events acknowledges a batch's records only once this loop asks for the
-        # next batch, i.e. after the batch's deltas are sent: they commit together.
-        # (faust's StreamT does not declare take_events; its Stream has it.)
-        batches = cast(faust.Stream[bytes], stream).take_events(ROUTE_BATCH, within=ROUTE_WITHIN_S)
-        async for events in batches:
-            charges: list[events_pb2.UsageCharged] = []
-            for event in events:
-                value: bytes | None = event.value
-                if value is None:
-                    continue
-                if event.message.topic == USAGE:
-                    charge = events_pb2.UsageCharged()
-                    try:
-                        charge.ParseFromString(value)
-                    except DecodeError:  # the ledger view dead-letters it; budgets skip it
-                        log.warning("undecodable ledger entry skipped", offset=event.message.offset)
-                        continue
-                    charges.append(charge)
-                else:
-                    # Charges read before a policy count before it, as they would one by one.
-                    await self._send_sums(charges)
-                    charges = []
-                    await self._send_policy(value, event.message.offset)
-            await self._send_sums(charges)
-
-    async def _send_sums(self, charges: list[events_pb2.UsageCharged]) -> None:
-        for (name, minute), spend in sum_charges(charges, datetime.now(UTC)).items():
-            await self.scoped.send(key=name.encode(), value=encode_delta(minute, spend))
-
-    async def _send_policy(self, value: bytes, offset: int) -> None:
-        policy = billing_pb2.BudgetPolicy()
-        try:
-            policy.ParseFromString(value)
-        except DecodeError:
-            log.warning("undecodable budget policy skipped", offset=offset)
-            return
-        if policy.budget.period not in PERIOD_NAMES:
-            return
-        name = scope(policy.budget.tenant, policy.budget.key_id)
-        await self.scoped.send(key=name.encode(), value=POLICY_MARK + value)
-
     async def _account(self, stream: StreamT[bytes]) -> None:
+        # faust commits a partition's offsets from its own task, with whatever table writes
+        # the transaction holds by then: those of a record not yet acknowledged (it counts
+        # twice after a crash: the offset guard in `_count` skips it), and never those still
+        # in faust's send buffer (they would be lost: each record's writes are awaited below,
+        # before the record is acknowledged).
         async for event in stream.events():
             name = bytes(event.key).decode()
-            mark, body = event.value[:1], event.value[1:]
             now = datetime.now(UTC)
-            if mark == DELTA_MARK:
-                at, spend = decode_delta(body)
-                await self._count(name, spend, at, now)
-            elif mark == USAGE_MARK:  # left on the topic by a version that routed every charge
-                charge = events_pb2.UsageCharged.FromString(body)
-                at = datetime.fromtimestamp(charge_minute(charge, now), UTC)
-                await self._count(name, Spend.of(charge), at, now)
+            try:
+                change = decode_change(bytes(event.value), now)
+            except (DecodeError, ValueError):
+                log.warning("undecodable budget change skipped", scope=name, offset=event.message.offset)
+                continue
+            if isinstance(change, billing_pb2.BudgetPolicy):
+                await self._set_policy(name, change.budget, now)  # setting a policy twice is harmless
             else:
-                policy = billing_pb2.BudgetPolicy()
-                policy.ParseFromString(body)
-                await self._set_policy(name, policy.budget, now)
+                at, spend = change
+                await self._count(name, spend, at, now, event.message.offset)
+            await self.windows.written()
+            await self.policies.written()
 
     def spend(self, scope_name: str, period: Period, moment: datetime) -> Spend:
         current = (self.windows.get(scope_name) or {}).get(period)
@@ -279,11 +315,17 @@ class BudgetStream:
         name = scope(budget.tenant, budget.key_id)
         return state(budget, self.spend(name, PERIOD_NAMES[budget.period], now), now)
 
-    async def _count(self, scope_name: str, spend: Spend, at: datetime, now: datetime) -> None:
-        before = {period: self.spend(scope_name, period, now) for period in PERIODS}
+    async def _count(self, scope_name: str, spend: Spend, at: datetime, now: datetime, offset: int) -> None:
         windows = dict(self.windows.get(scope_name) or {})
+        # A scope's changes are all on one partition, so offsets only grow: one already
+        # counted is a record re-read after a crash whose count had committed.
+        if windows.get("offset", -1) >= offset:
+            log.info("budget change already counted", scope=scope_name, offset=offset)
+            return
+        before = {period: self.spend(scope_name, period, now) for period in PERIODS}
         add_to_windows(windows, spend, at)
-        self.windows[scope_name] = windows
+        windows["offset"] = offset
+        self.windows[scope_name] = windows  # one changelog record: the count and its offset
         for budget in self.budgets_of(scope_name):
             period = PERIOD_NAMES[budget.period]
             if window_start(period, at) != window_start(period, now):

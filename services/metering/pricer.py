@@ -1,15 +1,16 @@
 """Turns each completion into exactly one priced ledger entry.
 
-Runs inside a transactional consumer: the charge, the caller's cost reply and
-the completion's offset commit together (a poll at a time), so a crash can
-neither lose a charge nor make two. Completions the pricer has already charged
+Runs inside a transactional consumer: the charge, the caller's cost reply, the
+poll's budget sums and the completion's offset commit together (a poll at a
+time), so a crash can neither lose a charge nor make two, in the ledger or in
+the budgets. Completions the pricer has already charged
 (an engine that re-sent one) are recognised from the ledger itself at start-up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import ConsumerRecord
@@ -23,6 +24,7 @@ from sluice.kafka import Output, RecentKeys, reply_partition
 from sluice.logs import get_logger
 from sluice.topics import COMPLETIONS, USAGE, BadEvent
 from sluice.v1 import billing_pb2, events_pb2
+from streams.metering_budgets import delta_outputs
 
 log = get_logger()
 PRODUCER = "metering"
@@ -50,6 +52,8 @@ def check_usage(event: events_pb2.CompletionFinished) -> None:
 class Pricer:
     catalog: Catalog
     attribution: Attribution
+    # Charges made since the last `budget_outputs`: the current poll's.
+    _unsummed: list[events_pb2.UsageCharged] = field(default_factory=list)
 
     def charge(self, event: events_pb2.CompletionFinished) -> events_pb2.UsageCharged:
         check_usage(event)
@@ -87,6 +91,7 @@ class Pricer:
             event.envelope.tenant, charge.model, charge.cost.nanos, charge.cost.currency,
             usage.prompt_tokens, usage.completion_tokens,
         )  # fmt: skip
+        self._unsummed.append(charge)
         outputs = [Output(USAGE, charge, request_id)]
         if event.reply_to.topic:
             reply = events_pb2.ReplyEvent(
@@ -95,6 +100,12 @@ class Pricer:
             )
             outputs.append(Output(event.reply_to.topic, reply, request_id, reply_partition(event.reply_to)))
         return outputs
+
+    def budget_outputs(self) -> Sequence[Output]:
+        """The budget sums of the poll's charges (EventConsumer.poll_outputs), one per scope
+        and minute: produced in the poll's transaction, they count exactly when the charges do."""
+        charges, self._unsummed = self._unsummed, []
+        return delta_outputs(charges, datetime.now(UTC))
 
 
 async def charged_recently(bootstrap: str, since_s: float, capacity: int) -> RecentKeys:

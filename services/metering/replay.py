@@ -4,7 +4,9 @@ Re-pricing never edits history: it replays completions from a point in time,
 prices each under the new catalog, compares with what the ledger already
 holds for that (request_id, attempt), and publishes the difference as a
 correction entry. All corrections and the new catalog commit in one
-transaction, and a second run with the same catalog finds nothing to correct.
+transaction, together with the budget sums of the corrections (so budgets move
+by exactly the corrected amounts), and a second run with the same catalog
+finds nothing to correct.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from services.metering.pricer import PRODUCER, check_usage
 from services.metering.pricing import Catalog, format_amount
 from services.metering.reader import read_committed
 from sluice import envelope as envelopes
-from sluice.kafka import ENTRY_HEADER, start_producer
+from sluice.kafka import ENTRY_HEADER, send_all, start_producer
 from sluice.topics import COMPLETIONS, USAGE, BadEvent
 from sluice.v1 import billing_pb2, events_pb2
+from streams.metering_budgets import delta_outputs
 
 PRICES = "sluice.prices.v1"
 REPRICE_TRANSACTIONAL_ID = "sluice-metering-reprice"
@@ -115,7 +118,7 @@ def correction(entry: LedgerEntry, delta: int, catalog: Catalog, fallback: bool)
 
 
 async def publish_reprice(bootstrap: str, catalog: Catalog, report: RepriceReport) -> None:
-    """The new catalog and every correction, in one transaction: all of them or none."""
+    """The new catalog, every correction and their budget sums, in one transaction: all or none."""
     producer = await start_producer(bootstrap, PRODUCER, REPRICE_TRANSACTIONAL_ID)
     try:
         async with producer.transaction():
@@ -125,5 +128,6 @@ async def publish_reprice(bootstrap: str, catalog: Catalog, report: RepriceRepor
                 await producer.send(
                     USAGE, fix.SerializeToString(), key=fix.envelope.request_id.encode(), headers=[header]
                 )
+            await send_all(producer, PRODUCER, delta_outputs(report.corrections, datetime.now(UTC)))
     finally:
         await producer.stop()

@@ -1,9 +1,11 @@
 """Metering: prices every completion exactly once, keeps the ledger, budgets and prices.
 
 Pricing consumes sluice.completions.v1 and produces the charges, the callers'
-cost replies and the input offsets in one Kafka transaction per poll, so a
-charge is never lost or doubled. The ledger view is built only from committed
-charges. Budgets and windowed totals run as an embedded faust app (streams/).
+cost replies, the charges' budget sums and the input offsets in one Kafka
+transaction per poll, so a charge is never lost or doubled, in the ledger or in
+the budgets. The same consumer forwards budget policies to the budget stream in
+its transaction. The ledger view is built only from committed charges. Budgets
+and windowed totals run as an embedded faust app (streams/).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from sluice.kafka import EventConsumer, Output, send, start_producer
 from sluice.logs import get_logger
 from sluice.service import GrpcApi, Runtime, Service
 from sluice.topics import COMPLETIONS, PROMPTS, REQUESTS, USAGE
-from sluice.v1 import events_pb2, metering_pb2, metering_pb2_grpc
-from streams.metering_budgets import BudgetStream
+from sluice.v1 import billing_pb2, events_pb2, metering_pb2, metering_pb2_grpc
+from streams.metering_budgets import POLICIES, BudgetStream, policy_output
 
 log = get_logger()
 PRICES = "sluice.prices.v1"
@@ -80,11 +82,12 @@ class MeteringService(Service):
 
         return [
             runtime.consumer(
-                [COMPLETIONS],
+                [COMPLETIONS, POLICIES],
                 self.price,
                 transactional=True,
                 batch_transactions=True,
                 max_records=settings.metering_transaction_records,
+                poll_outputs=self.pricer.budget_outputs,
                 _recent=recent,
             ),
             # The ledger view dedupes by its primary key, which also tells corrections apart.
@@ -108,8 +111,12 @@ class MeteringService(Service):
         return [stream, asyncio.create_task(_hold(producer), name="metering-producer")]
 
     async def price(
-        self, event: events_pb2.CompletionFinished, record: ConsumerRecord[bytes, bytes]
+        self,
+        event: events_pb2.CompletionFinished | billing_pb2.BudgetPolicy,
+        record: ConsumerRecord[bytes, bytes],
     ) -> Sequence[Output]:
+        if isinstance(event, billing_pb2.BudgetPolicy):
+            return policy_output(event)  # to the budget stream, in this poll's transaction
         return self.pricer.outputs(event)
 
     async def record(

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/billing.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\tModelRate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x02 \x01(\t\x12\x16\n\x0einput_per_mtok\x18\x03 \x01(\t\x12\x17\n\x0foutput_per_mtok\x18\x04 \x01(\t\x12\x1d\n\x15\x63\x61\x63hed_input_per_mtok\x18\x05 \x01(\t\x12\x13\n\x0bper_request\x18\x06 \x01(\t\x12\x10\n\x08gpu_hour\x18\x07 \x01(\t\x12\x0f\n\x07\x65xample\x18\x08 \x01(\x08\"\xc0\x01\n\x0cPriceCatalog\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12#\n\x05rates\x18\x03 \x03(\x0b\x32\x14.sluice.v1.ModelRate\x12&\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x14.sluice.v1.ModelRate\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"\xcb\x01\n\x06\x42udget\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06period\x18\x03 \x01(\x0e\x32\x17.sluice.v1.BudgetPeriod\x12\x13\n\x0blimit_nanos\x18\x04 \x01(\x03\x12\x14\n\x0climit_tokens\x18\x05 \x01(\x03\x12\x16\n\x0elimit_requests\x18\x06 \x01(\x03\x12#\n\x04mode\x18\x07 \x01(\x0e\x32\x15.sluice.v1.BudgetMode\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\"\x9e\x01\n\x0c\x42udgetWindow\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08reset_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\"a\n\x0c\x42udgetPolicy\x12!\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x11.sluice.v1.Budget\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x0b\x42udgetAlert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12!\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x11.sluice.v1.Budget\x12\'\n\x06window\x18\x03 \x01(\x0b\x32\x17.sluice.v1.BudgetWindow\x12\x19\n\x11threshold_percent\x18\x04 \x01(\r\x12\r\n\x05limit\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*w\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UDGET_PERIOD_MINUTE\x10\x01\x12\x15\n\x11\x42UDGET_PERIOD_DAY\x10\x02\x12\x17\n\x13\x42UDGET_PERIOD_MONTH\x10\x03*U\n\nBudgetMode\x12\x1b\n\x17\x42UDGET_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42UDGET_MODE_SOFT\x10\x01\x12\x14\n\x10\x42UDGET_MODE_HARD\x10\x02*a\n\nChargeKind\x12\x1b\n\x17\x43HARGE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HARGE_KIND_COMPLETION\x10\x01\x12\x1a\n\x16\x43HARGE_KIND_CORRECTION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/billing.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\tModelRate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x02 \x01(\t\x12\x16\n\x0einput_per_mtok\x18\x03 \x01(\t\x12\x17\n\x0foutput_per_mtok\x18\x04 \x01(\t\x12\x1d\n\x15\x63\x61\x63hed_input_per_mtok\x18\x05 \x01(\t\x12\x13\n\x0bper_request\x18\x06 \x01(\t\x12\x10\n\x08gpu_hour\x18\x07 \x01(\t\x12\x0f\n\x07\x65xample\x18\x08 \x01(\x08\"\xc0\x01\n\x0cPriceCatalog\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12#\n\x05rates\x18\x03 \x03(\x0b\x32\x14.sluice.v1.ModelRate\x12&\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x14.sluice.v1.ModelRate\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"\xcb\x01\n\x06\x42udget\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x06period\x18\x03 \x01(\x0e\x32\x17.sluice.v1.BudgetPeriod\x12\x13\n\x0blimit_nanos\x18\x04 \x01(\x03\x12\x14\n\x0climit_tokens\x18\x05 \x01(\x03\x12\x16\n\x0elimit_requests\x18\x06 \x01(\x03\x12#\n\x04mode\x18\x07 \x01(\x0e\x32\x15.sluice.v1.BudgetMode\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\"\x9e\x01\n\x0c\x42udgetWindow\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08reset_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\"a\n\x0c\x42udgetPolicy\x12!\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x11.sluice.v1.Budget\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x12ScopedBudgetChange\x12\'\n\x05\x64\x65lta\x18( \x01(\x0b\x32\x16.sluice.v1.BudgetDeltaH\x00\x12)\n\x06policy\x18) \x01(\x0b\x32\x17.sluice.v1.BudgetPolicyH\x00\x42\x08\n\x06\x63hange\"T\n\x0b\x42udgetDelta\x12\x14\n\x0cminute_start\x18( \x01(\x03\x12\r\n\x05nanos\x18) \x01(\x03\x12\x0e\n\x06tokens\x18* \x01(\x03\x12\x10\n\x08requests\x18+ \x01(\x03\"\xc5\x01\n\x0b\x42udgetAlert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12!\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x11.sluice.v1.Budget\x12\'\n\x06window\x18\x03 \x01(\x0b\x32\x17.sluice.v1.BudgetWindow\x12\x19\n\x11threshold_percent\x18\x04 \x01(\r\x12\r\n\x05limit\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*w\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UDGET_PERIOD_MINUTE\x10\x01\x12\x15\n\x11\x42UDGET_PERIOD_DAY\x10\x02\x12\x17\n\x13\x42UDGET_PERIOD_MONTH\x10\x03*U\n\nBudgetMode\x12\x1b\n\x17\x42UDGET_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42UDGET_MODE_SOFT\x10\x01\x12\x14\n\x10\x42UDGET_MODE_HARD\x10\x02*a\n\nChargeKind\x12\x1b\n\x17\x43HARGE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HARGE_KIND_COMPLETION\x10\x01\x12\x1a\n\x16\x43HARGE_KIND_CORRECTION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.billing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUDGETPERIOD']._serialized_start=1121
-  _globals['_BUDGETPERIOD']._serialized_end=1240
-  _globals['_BUDGETMODE']._serialized_start=1242
-  _globals['_BUDGETMODE']._serialized_end=1327
-  _globals['_CHARGEKIND']._serialized_start=1329
-  _globals['_CHARGEKIND']._serialized_end=1426
+  _globals['_BUDGETPERIOD']._serialized_start=1323
+  _globals['_BUDGETPERIOD']._serialized_end=1442
+  _globals['_BUDGETMODE']._serialized_start=1444
+  _globals['_BUDGETMODE']._serialized_end=1529
+  _globals['_CHARGEKIND']._serialized_start=1531
+  _globals['_CHARGEKIND']._serialized_end=1628
   _globals['_MODELRATE']._serialized_start=72
   _globals['_MODELRATE']._serialized_end=258
   _globals['_PRICECATALOG']._serialized_start=261
@@ -48,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETWINDOW']._serialized_end=820
   _globals['_BUDGETPOLICY']._serialized_start=822
   _globals['_BUDGETPOLICY']._serialized_end=919
-  _globals['_BUDGETALERT']._serialized_start=922
-  _globals['_BUDGETALERT']._serialized_end=1119
+  _globals['_SCOPEDBUDGETCHANGE']._serialized_start=921
+  _globals['_SCOPEDBUDGETCHANGE']._serialized_end=1035
+  _globals['_BUDGETDELTA']._serialized_start=1037
+  _globals['_BUDGETDELTA']._serialized_end=1121
+  _globals['_BUDGETALERT']._serialized_start=1124
+  _globals['_BUDGETALERT']._serialized_end=1321
 # @@protoc_insertion_point(module_scope)

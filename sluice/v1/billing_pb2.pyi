@@ -286,6 +286,70 @@ class BudgetPolicy(_message.Message):
 Global___BudgetPolicy: _TypeAlias = BudgetPolicy  # noqa: Y015
 
 @_typing.final
+class ScopedBudgetChange(_message.Message):
+    """On the budget stream's internal scoped topic (sluice-metering-budgets-scoped,
+    keyed by scope): one change to a scope, produced in the same Kafka transaction
+    as the ledger entries or policy it comes from, so budgets count each exactly once.
+    Field numbers from the metering range (40-49); a serialized value therefore never
+    starts with the one-byte marks ('D', 'U', 'P') of the older formats on that topic.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delta(self) -> Global___BudgetDelta: ...
+    @_builtins.property
+    def policy(self) -> Global___BudgetPolicy: ...
+    def __init__(
+        self,
+        *,
+        delta: Global___BudgetDelta | None = ...,
+        policy: Global___BudgetPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "delta", b"delta", "policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "delta", b"delta", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["delta", "policy"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___ScopedBudgetChange: _TypeAlias = ScopedBudgetChange  # noqa: Y015
+
+@_typing.final
+class BudgetDelta(_message.Message):
+    """What a set of ledger entries adds to one scope in one UTC minute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINUTE_START_FIELD_NUMBER: _builtins.int
+    NANOS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    minute_start: _builtins.int
+    """Start of the UTC minute (epoch seconds); it fixes the hour, day and month too."""
+    nanos: _builtins.int
+    tokens: _builtins.int
+    requests: _builtins.int
+    def __init__(
+        self,
+        *,
+        minute_start: _builtins.int = ...,
+        nanos: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["minute_start", b"minute_start", "nanos", b"nanos", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetDelta: _TypeAlias = BudgetDelta  # noqa: Y015
+
+@_typing.final
 class BudgetAlert(_message.Message):
     """On sluice.budget-alerts.v1: a budget crossed 80% or 100% of a limit."""
 

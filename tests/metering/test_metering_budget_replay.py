@@ -1,16 +1,15 @@
-"""Budgets count each charge exactly once, even when the budget stream is killed mid-batch.
+"""Budgets count each charge exactly once, even when metering is killed mid-run.
 
-The budget stream sums a batch of charges per scope before counting it; after a
-kill -9 it must re-read exactly the charges whose sums never committed. A replay
-happens first thing after the restart, so the first budget state that has seen
-every charge must equal the ledger exactly: a doubled batch would already be in it.
+The pricer sends each poll's budget sums in the transaction of the poll's charges,
+and the budget stream counts them in transactions with its table writes; after a
+kill -9 both must re-read exactly what never committed. A replay happens first
+thing after the restart, so the first budget state that has seen every charge
+must equal the ledger exactly: a doubled poll would already be in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from sluice.stack import Stack
 from sluice.v1 import billing_pb2, events_pb2
@@ -49,24 +48,20 @@ def counted(stack: Stack) -> int:
     return state.window.requests if state is not None else 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (issue #6): faust commits the route stage's input offsets (sluice.usage.v1,"
-    " 6 partitions) and its sends to the scoped topic (3 partitions) under different transactional"
-    " ids, so a kill between the two commits can count a batch twice; seen once in three runs (3025"
-    " requests for 3000 charges). Fix: the pricer sends the per-poll sums in its own transaction.",
-)
 def test_kill_9_mid_batch_neither_loses_nor_doubles_a_charge_in_a_budget(private_stack: Stack) -> None:
     bootstrap = private_stack.settings.bootstrap
     asyncio.run(set_budget(bootstrap, BUDGET))
-    events = varied_completions(TENANT, COUNT)
-    asyncio.run(produce(bootstrap, events))
-    metering = start_metering(private_stack)
+    # Small transactions (budgets count at the pricer's pace), and the charges only once the
+    # budget is known (its state is published from then on): the kill must land mid-run.
+    slow = {"SLUICE_METERING_TRANSACTION_RECORDS": "3"}
+    metering = start_metering(private_stack, slow)
     try:
+        wait_until(lambda: state_now(private_stack) is not None, timeout=180, what="the budget to be set")
+        asyncio.run(produce(bootstrap, varied_completions(TENANT, COUNT)))
         wait_until(lambda: counted(private_stack) > 0, timeout=180, what="budgets to be counting")
         kill_hard(metering)
         assert counted(private_stack) < COUNT, "budgets were done before the kill: nothing was tested"
-        metering = start_metering(private_stack)
+        metering = start_metering(private_stack, slow)
         wait_until(
             lambda: len(asyncio.run(charges(bootstrap, TENANT))) >= COUNT, timeout=300, what="every charge"
         )
@@ -74,7 +69,7 @@ def test_kill_9_mid_batch_neither_loses_nor_doubles_a_charge_in_a_budget(private
     finally:
         kill_hard(metering)
     ledger = asyncio.run(charges(bootstrap, TENANT))
-    assert all(len(found) == 1 for found in ledger.values())
+    assert [key for key, found in ledger.items() if len(found) != 1] == []
     state = state_now(private_stack)
     assert state is not None
     assert state.window.requests == COUNT

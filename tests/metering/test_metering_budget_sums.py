@@ -1,7 +1,9 @@
-"""The budget stream sums a batch of charges per scope and minute before counting them.
+"""Budgets count sums of charges per scope and minute, not each charge.
 
 Counting the sums must leave every window exactly as counting the charges one
-by one would, in any order, and the wire form of a sum must round-trip.
+by one would, in any order, and the wire form of a sum must round-trip: the
+current one (ScopedBudgetChange) and the older ones still on the scoped topic
+after an upgrade.
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ import itertools
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sluice.v1 import billing_pb2, envelope_pb2, events_pb2
 from streams.budget_rules import Spend
 from streams.metering_budgets import (
     DELTA_MARK,
+    POLICY_MARK,
+    SCOPED,
+    USAGE_MARK,
     add_to_windows,
-    decode_delta,
+    decode_change,
+    delta_outputs,
     encode_delta,
+    policy_output,
     sum_charges,
     usage_scopes,
 )
@@ -62,12 +71,13 @@ def summed(charges: list[events_pb2.UsageCharged]) -> dict[str, dict[str, list[A
 
 
 def count_sums(tables: dict[str, dict[str, list[Any]]], charges: list[events_pb2.UsageCharged]) -> None:
-    for (name, minute), total in sum_charges(charges, NOW).items():
+    for output in delta_outputs(charges, NOW):
         # Through the wire form, as the `account` agent receives it.
-        value = encode_delta(minute, total)
-        assert value.startswith(DELTA_MARK)
-        at, spend = decode_delta(value[1:])
-        add_to_windows(tables.setdefault(name, {}), spend, at)
+        assert output.topic == SCOPED
+        change = decode_change(output.event.SerializeToString(), NOW)
+        assert not isinstance(change, billing_pb2.BudgetPolicy)
+        at, spend = change
+        add_to_windows(tables.setdefault(output.key, {}), spend, at)
 
 
 BATCH = [
@@ -111,3 +121,42 @@ def test_a_charge_without_completion_time_counts_now() -> None:
         ("tenant=t", int(NOW.replace(second=0).timestamp())): Spend(5, 0, 1),
         ("model=t/m", int(NOW.replace(second=0).timestamp())): Spend(5, 0, 1),
     }
+
+
+DAY_POLICY = billing_pb2.BudgetPolicy(
+    budget=billing_pb2.Budget(tenant="t", key_id="k1", period=billing_pb2.BUDGET_PERIOD_DAY, limit_tokens=9)
+)
+
+
+def test_the_older_forms_on_the_scoped_topic_still_count() -> None:
+    minute = int(NOW.replace(second=0).timestamp())
+    assert decode_change(encode_delta(minute, Spend(5, 6, 7)), NOW) == (
+        NOW.replace(second=0),
+        Spend(5, 6, 7),
+    )
+    old_charge = BATCH[0]
+    assert decode_change(USAGE_MARK + old_charge.SerializeToString(), NOW) == (
+        NOW.replace(second=0),
+        Spend(100, 15, 1),
+    )
+    policy = DAY_POLICY
+    assert decode_change(POLICY_MARK + policy.SerializeToString(), NOW) == policy
+
+
+def test_a_policy_goes_to_its_scope_and_never_looks_like_an_older_form() -> None:
+    policy = DAY_POLICY
+    [output] = policy_output(policy)
+    assert (output.topic, output.key) == (SCOPED, "key=t/k1")
+    value = output.event.SerializeToString()
+    assert value[:1] not in (DELTA_MARK, USAGE_MARK, POLICY_MARK)
+    assert decode_change(value, NOW) == policy
+    unknown = billing_pb2.BudgetPolicy(budget=billing_pb2.Budget(tenant="t"))  # no period
+    assert policy_output(unknown) == []
+    for delta in delta_outputs([charge(0, (0, 0), NOW)], NOW):  # even an all-zero sum
+        assert delta.event.SerializeToString()[:1] not in (DELTA_MARK, USAGE_MARK, POLICY_MARK)
+
+
+@pytest.mark.parametrize("value", [b"D[1, 2", b"\xff\xff", b""])
+def test_an_undecodable_change_is_refused(value: bytes) -> None:
+    with pytest.raises((DecodeError, ValueError)):
+        decode_change(value, NOW)
