@@ -247,6 +247,10 @@ class BudgetStream:
         # scope|period -> Budget, serialized and base64-encoded (tables hold JSON)
         self.policies = self._table("policies")
         self.app.agent(self.scoped, name="account")(self._account)
+        # faust only honours exactly_once inside its own Worker (App.in_transaction checks
+        # in_worker); embedded, it would read the scoped topic uncommitted (the deltas of an
+        # aborted pricer transaction too) and commit without transactions.
+        self.app.in_worker = True
         self.app.finalize()
         self.ready = asyncio.Event()
 
