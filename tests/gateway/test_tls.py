@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice import tls
@@ -20,68 +13,26 @@ from sluice.config import ConfigError, load_settings
 from sluice.stack import Stack
 from tests.conftest import free_ports
 from tests.gateway.conftest import first_of, request
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _issue(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    issuer_name, issuer_key = issuer or (_name(subject), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+from tests.tls_material import TlsMaterial, make_tls_material
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
-    directory = tmp_path_factory.mktemp("certs")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("sluice test CA", ca_key, None)
-    _write(directory, "ca", ca, ca_key)
-    for name in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write(directory, name, _issue(f"sluice {name}", key, (ca.subject, ca_key)), key)
-    return directory
+    return make_tls_material(tmp_path_factory.mktemp("certs"))
 
 
-def test_half_a_tls_setup_is_refused_naming_the_setting(certs: Path) -> None:
+def test_half_a_tls_setup_is_refused_naming_the_setting(certs: TlsMaterial) -> None:
     with pytest.raises(ConfigError, match="SLUICE_GRPC_TLS_KEY_FILE"):
-        load_settings(grpc_tls_cert_file=certs / "server.crt")
+        load_settings(grpc_tls_cert_file=certs.broker.cert)
     with pytest.raises(ConfigError, match="SLUICE_GRPC_TLS_CERT_FILE"):
-        load_settings(grpc_tls_client_ca_file=certs / "ca.crt")
+        load_settings(grpc_tls_client_ca_file=certs.ca)
 
 
 @pytest.fixture(scope="module")
-def mtls_gateway(stack: Stack, certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def mtls_gateway(
+    stack: Stack, certs: TlsMaterial, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """A gateway replica as a real process, serving only clients with a certificate from our CA."""
     (port,) = free_ports(1)
     settings = stack.settings.model_copy(
@@ -89,12 +40,12 @@ def mtls_gateway(stack: Stack, certs: Path, tmp_path_factory: pytest.TempPathFac
             "state_dir": tmp_path_factory.mktemp("mtls"),
             "gateway_port": port,
             "gateway_reply_partition": 2,
-            "grpc_tls_cert_file": certs / "server.crt",
-            "grpc_tls_key_file": certs / "server.key",
-            "grpc_tls_client_ca_file": certs / "ca.crt",
-            "grpc_tls_ca_file": certs / "ca.crt",
-            "grpc_tls_client_cert_file": certs / "client.crt",
-            "grpc_tls_client_key_file": certs / "client.key",
+            "grpc_tls_cert_file": certs.broker.cert,
+            "grpc_tls_key_file": certs.broker.key,
+            "grpc_tls_client_ca_file": certs.ca,
+            "grpc_tls_ca_file": certs.ca,
+            "grpc_tls_client_cert_file": certs.client.cert,
+            "grpc_tls_client_key_file": certs.client.key,
         }
     )
     replica = Stack(settings)
@@ -115,7 +66,7 @@ def _health(channel: grpc.Channel) -> grpc.StatusCode:
 
 
 def test_a_gateway_with_mtls_serves_only_certified_clients(
-    mtls_gateway: Stack, certs: Path, demo_key: str
+    mtls_gateway: Stack, certs: TlsMaterial, demo_key: str
 ) -> None:
     settings = mtls_gateway.settings
     target = settings.grpc_target("gateway")
@@ -126,6 +77,6 @@ def test_a_gateway_with_mtls_serves_only_certified_clients(
         assert first.request_id
     with grpc.insecure_channel(target) as plain:
         assert _health(plain) == grpc.StatusCode.UNAVAILABLE
-    no_cert = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.crt").read_bytes())
+    no_cert = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
     with grpc.secure_channel(target, no_cert) as anonymous:
         assert _health(anonymous) == grpc.StatusCode.UNAVAILABLE

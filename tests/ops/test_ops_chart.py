@@ -14,7 +14,7 @@ import yaml
 from sluice import kafka_security
 from sluice.config import REPO_ROOT, SERVICES, Settings, load_settings
 from tests.ops.conftest import CHART, KUBE_VERSION, VALUE_SETS, Render, of_kind, run
-from tests.ops.kafka_tls import make_tls_material
+from tests.tls_material import make_tls_material
 
 # The first run builds the Go tools (go install; minutes on a busy machine): allow for it.
 pytestmark = pytest.mark.timeout(3600)

@@ -33,7 +33,7 @@ from sluice.stack import Stack
 from sluice.topic_admin import apply
 from sluice.topics import DLQ, load_plan
 from tests.conftest import _free_offset, free_ports
-from tests.ops.kafka_tls import TlsMaterial, make_tls_material
+from tests.tls_material import TlsMaterial, make_tls_material
 
 USER, PASSWORD = "sluice", "s3cret-Pw"
 # Bounds on waits that must end (refusals, start-up); exceeding one fails the test instead of hanging.

@@ -1,4 +1,4 @@
-"""Throw-away PEM material for Kafka TLS tests: a CA, a broker certificate for 127.0.0.1, a client.
+"""Throw-away PEM material for TLS tests (Kafka and gRPC): a CA, a server certificate for 127.0.0.1, a client.
 
 Made with `cryptography` at test time, so no key ever lives in the repository.
 """
