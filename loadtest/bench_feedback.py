@@ -30,11 +30,11 @@ from sluice import envelope as envelopes
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
 from sluice.kafka_security import client_options
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS, FEEDBACK, PROMPTS
 from sluice.v1 import events_pb2, feedback_pb2, templates_pb2
 from streams.feedback_stats import FEEDBACK_STATS, rating_class
-from tests.conftest import _free_offset, free_ports
 
 TENANT, MODEL = "bench", "smollm2-135m-instruct"
 
@@ -118,7 +118,7 @@ def main() -> None:
                 kafka_bootstrap=broker.bootstrap,
                 state_dir=Path(tmp) / "state",
                 gateway_port=grpc_port,
-                metrics_port_offset=_free_offset([grpc_port]),
+                metrics_port_offset=free_offset([grpc_port]),
                 log_level="warning",
             )
             stack = Stack(settings)

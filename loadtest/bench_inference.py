@@ -44,9 +44,9 @@ from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, Settings, load_settings
 from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.models import smollm2_gguf_path
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topics import PROMPTS
-from tests.conftest import _free_offset, free_ports
 from tests.inference.worker_helpers import (
     MODEL,
     ReplyReader,
@@ -138,7 +138,7 @@ def main() -> None:
                 kafka_bootstrap=external or broker.bootstrap,  # type: ignore[union-attr]
                 state_dir=Path(tmp) / "state",
                 inference_port=grpc_port,
-                metrics_port_offset=_free_offset([grpc_port]),
+                metrics_port_offset=free_offset([grpc_port]),
                 inference_slots=args.slots,
                 inference_threads=args.threads,
                 output_redaction=args.output_redaction,

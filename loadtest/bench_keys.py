@@ -24,8 +24,8 @@ from services.gateway.auth import KeyStore
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
 from sluice.kafka import start_producer
+from sluice.ports import free_ports
 from sluice.stack import Stack
-from tests.conftest import free_ports
 
 
 def bench_lookup(count: int, calls: int) -> float:

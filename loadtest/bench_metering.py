@@ -28,9 +28,9 @@ from aiokafka.errors import KafkaError
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
 from sluice.kafka_security import client_options
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS
-from tests.conftest import _free_offset, free_ports
 from tests.metering.helpers import charges, kill_hard, produce, start_metering, varied_completions, wait_until
 
 
@@ -66,7 +66,7 @@ def main() -> None:
                 kafka_bootstrap=broker.bootstrap,
                 state_dir=Path(tmp) / "state",
                 metering_port=grpc_port,
-                metrics_port_offset=_free_offset([grpc_port]),
+                metrics_port_offset=free_offset([grpc_port]),
                 log_level="warning",
             )
             stack = Stack(settings)

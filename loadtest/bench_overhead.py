@@ -31,8 +31,9 @@ from loadtest.bench_runs import audited_ok, default_out, machine_notes, measured
 from loadtest.litellm_proxy import LITELLM_VERSION, run_litellm
 from loadtest.loadgen import GrpcTarget, OpenAITarget, PromptMix, RunResult, Target
 from loadtest.report import PERCENTILES, added_latency, write_report
-from loadtest.sluice_under_test import BENCH_MODEL, bench_kafka, free_port_block, run_sluice
+from loadtest.sluice_under_test import BENCH_MODEL, bench_kafka, run_sluice
 from loadtest.upstream import UpstreamConfig, run_upstream
+from sluice.ports import free_port_block
 
 UPSTREAM = "a-upstream"
 SLUICE_FULL = "b-sluice-full"

@@ -14,7 +14,6 @@ does not redact its output), so it measures Sluice without the privacy boundary.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from services.gateway.auth import demo_key_file
 from sluice.config import DEFAULTS_DIR, SERVICES, Settings, load_settings
+from sluice.ports import free_port_block
 from sluice.stack import Stack
 
 BENCH_MODEL = "bench-upstream"
@@ -43,23 +43,6 @@ class SluiceUnderTest:
     @property
     def gateway(self) -> str:
         return self.settings.grpc_target("gateway")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(count: int, offset: int = 1000) -> int:
-    """A first port such that `count` ports from it, and the same shifted by `offset`, are free."""
-    for first in range(21000, 60000 - offset, 37):
-        if all(_port_free(first + i) and _port_free(first + i + offset) for i in range(count)):
-            return first
-    raise RuntimeError("no free block of ports")
 
 
 @contextlib.contextmanager

@@ -134,9 +134,7 @@ def _record_context(record: ConsumerRecord[bytes, bytes], event: Message | None)
 
 
 @contextmanager
-def consume_span(
-    service: str, record: ConsumerRecord[bytes, bytes], event: Message | None
-) -> Iterator[Span]:
+def consume_span(service: str, record: ConsumerRecord[bytes, bytes], event: Message | None) -> Iterator[Span]:
     """A CONSUMER span for one record, continuing the trace its producer started."""
     if not _enabled:
         yield trace.INVALID_SPAN

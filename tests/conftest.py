@@ -6,9 +6,8 @@ If SLUICE_KAFKA_BOOTSTRAP is set, tests use that cluster instead of starting one
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -18,35 +17,8 @@ from services.prompts.chat_template import ChatTemplate
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, SERVICES, ServiceName, Settings, load_settings
 from sluice.models import smollm2_gguf_path
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports (all sockets held open while choosing)."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_offset(ports: list[int]) -> int:
-    """An offset that puts every service's /metrics port on a free port."""
-    for offset in range(1000, 3000, 7):
-        if all(p + offset < 65536 and _port_free(p + offset) for p in ports):
-            return offset
-    raise RuntimeError("no free block of metrics ports")
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +50,7 @@ def stack_settings(topics_ready: str, tmp_path_factory: pytest.TempPathFactory) 
     return load_settings(
         kafka_bootstrap=topics_ready,
         state_dir=tmp_path_factory.mktemp("state"),
-        metrics_port_offset=_free_offset(ports),
+        metrics_port_offset=free_offset(ports),
         gateway_reply_timeout_s=120,
         traces_exporter="file",  # tests/e2e/test_tracing.py reads <state_dir>/traces
         **{f"{name}_port": port for name, port in zip(SERVICES, ports, strict=True)},

@@ -17,9 +17,9 @@ import pytest
 from services.metering.pricing import Catalog
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, Settings, load_settings
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.v1 import events_pb2
-from tests.conftest import _free_offset, free_ports
 from tests.metering.helpers import (
     charges,
     kill_hard,
@@ -54,7 +54,7 @@ def private_stack(private_broker: LocalBroker, tmp_path_factory: pytest.TempPath
         kafka_bootstrap=private_broker.bootstrap,
         state_dir=tmp_path_factory.mktemp("metering-state"),
         metering_port=grpc_port,
-        metrics_port_offset=_free_offset([grpc_port]),
+        metrics_port_offset=free_offset([grpc_port]),
         # Small transactions: many of them are open while the process is killed.
         metering_transaction_records=25,
     )

@@ -13,9 +13,9 @@ import pytest
 
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, Settings, load_settings
+from sluice.ports import free_ports
 from sluice.stack import Stack
 from sluice.v1 import prompts_pb2, prompts_pb2_grpc, templates_pb2
-from tests.conftest import free_ports
 from tests.e2e.test_prompts_registry import create, label, unique
 
 

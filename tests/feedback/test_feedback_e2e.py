@@ -25,6 +25,7 @@ from services.gateway.auth import demo_key_file
 from sluice import envelope as envelopes
 from sluice import topics
 from sluice.identity import pseudonymous_user
+from sluice.ports import free_ports
 from sluice.stack import Stack
 from sluice.topics import load_plan
 from sluice.v1 import (
@@ -39,7 +40,7 @@ from sluice.v1 import (
     prompts_pb2_grpc,
     templates_pb2,
 )
-from tests.conftest import free_ports, service_logs
+from tests.conftest import service_logs
 from tests.e2e.test_cli import sluice
 from tests.e2e.test_request_path import _all_values
 

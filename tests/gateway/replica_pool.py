@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.ports import free_ports
 from sluice.stack import Stack
-from tests.conftest import free_ports
 
 
 @dataclass

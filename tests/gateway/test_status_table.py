@@ -11,9 +11,9 @@ import pytest
 from services.gateway import keys
 from services.gateway.service import receive_limit
 from services.redaction.vault import MASTER_KEY_FILE, load_master_key
+from sluice.ports import free_ports
 from sluice.stack import Stack
 from sluice.v1 import audit_pb2, audit_pb2_grpc, envelope_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import free_ports
 from tests.gateway.conftest import (
     admission,
     create_key,

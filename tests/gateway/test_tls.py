@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice import tls
 from sluice.config import ConfigError, load_settings
+from sluice.ports import free_ports
 from sluice.stack import Stack
-from tests.conftest import free_ports
 from tests.gateway.conftest import first_of, request
 from tests.tls_material import TlsMaterial, make_tls_material
 

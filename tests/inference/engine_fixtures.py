@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_ports
+from sluice.ports import free_ports
 
 FAKE_TRTLLM_ROOT = Path(__file__).resolve().parent / "fake_tensorrt_llm"
 SERVED_MODEL = "smollm2-135m-instruct"

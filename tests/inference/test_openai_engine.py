@@ -23,7 +23,7 @@ from services.inference.openai_engine import OpenAIEngine, ServerError
 from services.prompts.chat_template import ChatTemplate
 from sluice.config import ConfigError, ModelSpec, Settings
 from sluice.engine_specs import OpenAISettings
-from tests.conftest import free_ports
+from sluice.ports import free_ports
 from tests.inference.engine_fixtures import SERVED_MODEL, llama_cpp_server
 
 pytestmark = pytest.mark.timeout(600)

@@ -31,10 +31,11 @@ from services.prompts.chat_template import ChatTemplate
 from sluice import tls
 from sluice.config import Settings, load_settings
 from sluice.kafka_security import client_options
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topics import CONTROL, DLQ, PROMPTS
 from sluice.v1 import events_pb2
-from tests.conftest import _free_offset, free_ports, paused
+from tests.conftest import paused
 from tests.inference.worker_helpers import (
     MODEL,
     ReplyReader,
@@ -93,7 +94,7 @@ def settings(topics_ready: str, tmp_path_factory: pytest.TempPathFactory) -> Set
 
 def _spawn(settings: Settings, worker_id: str, env: dict[str, str] | None = None) -> Worker:
     (port,) = free_ports(1)
-    mine = settings.model_copy(update={"inference_port": port, "metrics_port_offset": _free_offset([port])})
+    mine = settings.model_copy(update={"inference_port": port, "metrics_port_offset": free_offset([port])})
     log = settings.state_dir / "logs" / f"{worker_id}.log"
     extra = {"SLUICE_METRICS_PORT_OFFSET": str(mine.metrics_port_offset), **(env or {})}
     return Worker(worker_id, mine, log, start_worker(mine, worker_id, port, log, extra))

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from sluice.broker import BrokerError, LocalBroker, port_in_use
-from tests.conftest import free_ports
+from sluice.ports import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from sluice.config import load_settings
+from sluice.ports import free_ports
 from sluice.stack import Stack
-from tests.conftest import free_ports
 
 
 def start(name: str, env_overrides: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

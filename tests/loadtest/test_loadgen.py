@@ -12,7 +12,7 @@ import pytest
 from loadtest.loadgen import OK, OpenAITarget, PromptMix, RequestRecord, RunResult, poisson_schedule, run_load
 from loadtest.report import added, added_latency, summarize, write_report
 from loadtest.upstream import UpstreamConfig, fetch_stats, run_upstream
-from tests.conftest import free_ports
+from sluice.ports import free_ports
 
 TOKENS = 6
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -29,10 +29,10 @@ from sluice.broker import ListenerSecurity, LocalBroker
 from sluice.config import REPO_ROOT, ConfigError, Settings, load_settings
 from sluice.kafka import start_partition_reader, start_producer
 from sluice.lag import LagReader
+from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topic_admin import apply
 from sluice.topics import DLQ, load_plan
-from tests.conftest import _free_offset, free_ports
 from tests.tls_material import TlsMaterial, make_tls_material
 
 USER, PASSWORD = "sluice", "s3cret-Pw"
@@ -105,7 +105,7 @@ def settings(
         **secure(secure_broker, tls, kafka_sasl_password_file=password_file),
         state_dir=tmp_path_factory.mktemp("state"),
         metering_port=port,
-        metrics_port_offset=_free_offset([port]),
+        metrics_port_offset=free_offset([port]),
     )
     with profile(settings):
         yield settings

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
+from sluice.ports import free_ports
 from sluice.stack import Stack
-from tests.conftest import free_ports
 
 PLANTED = "status.probe.4471@example.org"
 
