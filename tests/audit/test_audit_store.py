@@ -6,6 +6,7 @@ Filters, paging, tampering and completeness must mean the same on either.
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,14 +85,18 @@ def lifecycle(
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def postgres() -> Iterator[Any]:
     """A real PostgreSQL server from the pgserver wheel (no Docker here)."""
     pgserver = pytest.importorskip(
         "pgserver", reason="the dev extra's pgserver ships the PostgreSQL binaries"
     )
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    yield server
-    server.cleanup()
+    # Not under pytest's basetemp: as root, pgserver runs initdb as its own user, which must
+    # traverse the parents, and another pytest session starting meanwhile resets
+    # /tmp/pytest-of-<user> to 0700.
+    with tempfile.TemporaryDirectory(prefix="sluice-pg-") as tmp:
+        server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="stop")
+        yield server
+        server.cleanup()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
