@@ -19,6 +19,7 @@ from services.gateway.auth import demo_key_file
 from services.metering.reader import topic_partitions
 from sluice.stack import Stack
 from sluice.v1 import envelope_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.gateway.replica_pool import ReplicaPool
 
 M = TypeVar("M", bound=Message)
 
@@ -123,3 +124,15 @@ def channel(stack: Stack) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def demo_key(stack: Stack) -> str:
     return demo_key_file(stack.settings.state_dir).read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def pool(stack: Stack) -> Iterator[ReplicaPool]:
+    """Two more gateway replicas (reply partitions 1 and 2) beside the stack's own."""
+    replicas = ReplicaPool(stack)
+    try:
+        replicas.start(1)
+        replicas.start(2)
+        yield replicas
+    finally:
+        replicas.stop_all()

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from services.gateway.auth import demo_key_file
 from services.gateway.batches import BatchBook, BatchCollector
 from sluice.kafka import Output
 from sluice.stack import Stack
@@ -22,22 +20,6 @@ from tests.ingress.conftest import make_key
 
 PROMPTS_TEXT = ["Name a fruit.", "Name a color.", "Name an animal."]
 Item = batches_pb2.BatchItemStatus
-
-
-@pytest.fixture(scope="module")
-def pool(stack: Stack) -> Iterator[ReplicaPool]:
-    replicas = ReplicaPool(stack)
-    try:
-        replicas.start(1)
-        replicas.start(2)
-        yield replicas
-    finally:
-        replicas.stop_all()
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return demo_key_file(stack.settings.state_dir).read_text().strip()
 
 
 def call(replica: Replica, method: str, request: object, key: str) -> object:
@@ -94,21 +76,21 @@ async def _prompt_topics(bootstrap: str, request_ids: set[str]) -> dict[str, str
 
 @pytest.mark.timeout(1200)  # batch work waits for spare capacity; nothing here is timed
 def test_a_batch_is_served_and_readable_from_any_replica_and_after_a_restart(
-    stack: Stack, pool: ReplicaPool, key: str
+    stack: Stack, pool: ReplicaPool, demo_key: str
 ) -> None:
     first, second = pool.replicas
-    submitted = call(first, "SubmitBatch", batch_request(*PROMPTS_TEXT), key)
+    submitted = call(first, "SubmitBatch", batch_request(*PROMPTS_TEXT), demo_key)
     assert isinstance(submitted, gateway_pb2.SubmitBatchResponse)
     assert submitted.batch_id and len(submitted.request_ids) == len(PROMPTS_TEXT)
 
     # Readable at once on another replica (it catches up with sluice.batches.v1 first).
-    early = call(second, "GetBatch", gateway_pb2.GetBatchRequest(batch_id=submitted.batch_id), key)
+    early = call(second, "GetBatch", gateway_pb2.GetBatchRequest(batch_id=submitted.batch_id), demo_key)
     assert isinstance(early, gateway_pb2.GetBatchResponse)
     assert early.size == len(PROMPTS_TEXT) and [r.request_id for r in early.results] == list(
         submitted.request_ids
     )
 
-    done = finished(second, key, submitted.batch_id)
+    done = finished(second, demo_key, submitted.batch_id)
     assert done.done == len(PROMPTS_TEXT) and done.failed == 0
     for index, result in enumerate(done.results):
         assert result.index == index and result.status == Item.BATCH_ITEM_STATUS_SUCCEEDED
@@ -123,13 +105,13 @@ def test_a_batch_is_served_and_readable_from_any_replica_and_after_a_restart(
     # Results live on Kafka, not in a replica: a restarted replica has them all.
     pool.stop(first)
     fresh = pool.start(3)
-    again = call(fresh, "GetBatch", gateway_pb2.GetBatchRequest(batch_id=submitted.batch_id), key)
+    again = call(fresh, "GetBatch", gateway_pb2.GetBatchRequest(batch_id=submitted.batch_id), demo_key)
     assert again == done
 
 
-def test_only_the_owner_can_read_a_batch(stack: Stack, pool: ReplicaPool, key: str) -> None:
+def test_only_the_owner_can_read_a_batch(stack: Stack, pool: ReplicaPool, demo_key: str) -> None:
     replica = pool.replicas[0]
-    submitted = call(replica, "SubmitBatch", batch_request("Say one word."), key)
+    submitted = call(replica, "SubmitBatch", batch_request("Say one word."), demo_key)
     assert isinstance(submitted, gateway_pb2.SubmitBatchResponse)
     other = make_key(stack.settings.bootstrap, "acme").key
     time.sleep(1)  # the new key reaches the replica's key store within a poll
@@ -151,10 +133,10 @@ def test_only_the_owner_can_read_a_batch(stack: Stack, pool: ReplicaPool, key: s
     ],
 )
 def test_bad_batches_are_invalid_argument_naming_the_field(
-    pool: ReplicaPool, key: str, request_: gateway_pb2.SubmitBatchRequest, field: str
+    pool: ReplicaPool, demo_key: str, request_: gateway_pb2.SubmitBatchRequest, field: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        call(pool.replicas[0], "SubmitBatch", request_, key)
+        call(pool.replicas[0], "SubmitBatch", request_, demo_key)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field)
 

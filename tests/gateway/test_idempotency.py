@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import grpc
-import pytest
 
-from services.gateway.auth import demo_key_file
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS, CONTROL, REQUESTS, TOKENS
 from sluice.v1 import events_pb2, gateway_pb2, gateway_pb2_grpc
@@ -20,22 +17,6 @@ from tests.gateway.conftest import admission, create_key, eventually, first_of, 
 from tests.gateway.replica_pool import Replica, ReplicaPool
 
 Answer = list[gateway_pb2.GenerateResponse]
-
-
-@pytest.fixture(scope="module")
-def pool(stack: Stack) -> Iterator[ReplicaPool]:
-    replicas = ReplicaPool(stack)
-    try:
-        replicas.start(1)
-        replicas.start(2)
-        yield replicas
-    finally:
-        replicas.stop_all()
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
-    return demo_key_file(stack.settings.state_dir).read_text().strip()
 
 
 def on(replica: Replica, key: str, req: gateway_pb2.GenerateRequest) -> Answer:
@@ -84,46 +65,46 @@ def same_answer(first: Answer, second: Answer) -> None:
 
 
 def test_a_retry_on_another_replica_or_after_a_restart_gets_the_whole_answer_and_nothing_runs_twice(
-    stack: Stack, pool: ReplicaPool, key: str
+    stack: Stack, pool: ReplicaPool, demo_key: str
 ) -> None:
     a, b = pool.replicas
     req = request("Name three rivers.", max_tokens=8, temperature=0.0, idempotency_key=uuid.uuid4().hex)
-    first = on(a, key, req)
-    synced(b, key)  # so the retry finds the request at once, and publishes nothing
-    retried = on(b, key, req)
+    first = on(a, demo_key, req)
+    synced(b, demo_key)  # so the retry finds the request at once, and publishes nothing
+    retried = on(b, demo_key, req)
     same_answer(first, retried)
     assert retried[-1].cost.nanos > 0
     pool.stop(b)
     restarted = pool.start(b.partition)
-    synced(restarted, key)
-    same_answer(first, on(restarted, key, req))
+    synced(restarted, demo_key)
+    same_answer(first, on(restarted, demo_key, req))
     assert len(runs(stack, first[0].request_id)) == 1
     published = on_topic(stack, REQUESTS, first[0].request_id, events_pb2.GenerationRequested)
     assert [p.reply_to.partition for p in published] == [a.partition], "retries publish nothing"
 
 
 def test_a_retry_while_the_first_call_streams_gets_the_answer_from_its_first_token(
-    stack: Stack, pool: ReplicaPool, key: str
+    stack: Stack, pool: ReplicaPool, demo_key: str
 ) -> None:
     a, b = pool.replicas
     req = request(
         "Count from one to twenty.", max_tokens=32, temperature=0.0, idempotency_key=uuid.uuid4().hex
     )
     with grpc.insecure_channel(a.target) as channel:
-        opened, call = first_of(channel, key, req, timeout=300)
-        retried = on(b, key, req)
+        opened, call = first_of(channel, demo_key, req, timeout=300)
+        retried = on(b, demo_key, req)
         first = [opened, *call]
     same_answer(first, retried)
     assert len(runs(stack, opened.request_id)) == 1
 
 
 def test_the_same_key_on_two_replicas_at_once_runs_once_and_both_get_its_answer(
-    stack: Stack, pool: ReplicaPool, key: str
+    stack: Stack, pool: ReplicaPool, demo_key: str
 ) -> None:
     a, b = pool.replicas
     req = request("Name a planet.", max_tokens=8, temperature=0.0, idempotency_key=uuid.uuid4().hex)
     with ThreadPoolExecutor(2) as both:
-        answers = list(both.map(lambda replica: on(replica, key, req), (a, b)))
+        answers = list(both.map(lambda replica: on(replica, demo_key, req), (a, b)))
     same_answer(answers[0], answers[1])
     request_id = answers[0][0].request_id
     assert len(runs(stack, request_id)) == 1
@@ -136,18 +117,18 @@ def test_the_same_key_on_two_replicas_at_once_runs_once_and_both_get_its_answer(
 
 
 def test_a_request_its_caller_cancelled_is_run_again_by_a_retry_on_another_replica(
-    stack: Stack, pool: ReplicaPool, key: str
+    stack: Stack, pool: ReplicaPool, demo_key: str
 ) -> None:
     a, b = pool.replicas
     idem = uuid.uuid4().hex
     with grpc.insecure_channel(a.target) as channel:
         opened, call = first_of(
-            channel, key, request("Tell a long story.", max_tokens=200, idempotency_key=idem)
+            channel, demo_key, request("Tell a long story.", max_tokens=200, idempotency_key=idem)
         )
         call.cancel()
     eventually("the cancel", lambda: on_topic(stack, CONTROL, opened.request_id, events_pb2.ControlEvent), 60)
-    synced(b, key)
-    again = on(b, key, request("Tell a long story.", max_tokens=4, idempotency_key=idem))
+    synced(b, demo_key)
+    again = on(b, demo_key, request("Tell a long story.", max_tokens=4, idempotency_key=idem))
     assert again[0].request_id == opened.request_id and again[-1].finish_reason
     attempts = [
         (p.envelope.attempt, p.reply_to.partition)
