@@ -3,8 +3,9 @@
 Prompts go straight to sluice.prompts.v1, replies are read from a
 sluice.tokens.v1 partition and completions from sluice.completions.v1, so this
 is the worker's whole Kafka contract: load spreading, cancel (late and early),
-expired deadlines, unknown models, over-long prompts, poison records, kill -9
-mid-stream (re-run as the next attempt) and a SIGTERM drain.
+expired deadlines, unknown models, over-long prompts, poison records,
+backpressure (a flood waits in Kafka, not in a worker), kill -9 mid-stream
+(re-run as the next attempt) and a SIGTERM drain.
 The tests run in file order and share the two workers; the last ones kill them.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,11 +35,12 @@ from sluice.config import Settings, load_settings
 from sluice.kafka_security import client_options
 from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
-from sluice.topics import CONTROL, DLQ, PROMPTS
+from sluice.topics import COMPLETIONS, CONTROL, DLQ, PROMPTS
 from sluice.v1 import events_pb2
 from tests.conftest import paused
 from tests.inference.worker_helpers import (
     MODEL,
+    Replies,
     ReplyReader,
     cancel_event,
     completions,
@@ -281,6 +284,135 @@ def test_a_poison_prompt_goes_to_the_dlq_and_the_pool_keeps_serving(
     assert any("PromptAssembled" in d.reason for d in mine)
 
 
+FLOOD = 12  # three times the two workers' combined slots (2 + 2)
+
+
+def _owners(workers: list[Worker]) -> dict[int, str]:
+    """sluice.prompts.v1 partition -> worker, from each worker's latest assignment."""
+    owners: dict[int, str] = {}
+    for w in workers:
+        assigned = [e for e in w.lines() if e.get("event") == "partitions assigned"][-1]
+        partitions = assigned["partitions"]
+        assert isinstance(partitions, list)
+        for name in partitions:
+            topic, _, partition = str(name).rpartition(":")
+            if topic == PROMPTS:
+                owners[int(partition)] = w.worker_id
+    return owners
+
+
+@dataclass
+class Sample:
+    in_flight: dict[str, float]  # worker -> its sluice_inference_in_flight gauge
+    lag: dict[str, int]  # worker -> flood records its partitions hold uncommitted
+
+
+async def _flood_lag(
+    admin: AIOKafkaAdminClient, ends: AIOKafkaConsumer, base: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """Per partition: flood records (offset >= base) the group has not committed, read from the broker."""
+    committed = await admin.list_consumer_group_offsets(GROUP)
+    end = await ends.end_offsets(list(base))
+    return {tp: end[tp] - max(base[tp], committed[tp].offset if tp in committed else 0) for tp in base}
+
+
+def test_full_workers_stop_fetching_and_leave_waiting_prompts_in_kafka(
+    workers: list[Worker], settings: Settings, template: ChatTemplate
+) -> None:
+    """Backpressure: more long prompts than slots wait in Kafka (the group's lag), not in a worker.
+
+    Sampled while it runs: each worker's in-flight gauge never passes its slots,
+    and while a worker is full its partitions hold more uncommitted prompts than
+    it runs. Afterwards, exhaustively from the completions: no worker ever had
+    more prompts between taking one (the completion envelope's event_time) and
+    publishing its completion than it has slots, so nothing queued in its memory.
+    """
+    capacity = settings.inference_slots
+    owners = _owners(workers)
+    assert sorted(owners) == list(range(6)) and set(owners.values()) == {"worker-a", "worker-b"}
+    events = [prompt_event(template, LONG, 48, REPLY_PARTITION) for _ in range(FLOOD)]
+    ids = [e.envelope.request_id for e in events]
+    gauge = f'sluice_inference_in_flight{{model="{MODEL}"}}'
+
+    async def sample(
+        admin: AIOKafkaAdminClient, ends: AIOKafkaConsumer, base: dict[TopicPartition, int]
+    ) -> Sample:
+        lag = await _flood_lag(admin, ends, base)
+        per_worker = {w.worker_id: 0 for w in workers}
+        for tp, count in lag.items():
+            per_worker[owners[tp.partition]] += count
+        gauges = {w.worker_id: await asyncio.to_thread(_gauge, w.settings, gauge) for w in workers}
+        return Sample(gauges, per_worker)
+
+    async def go() -> tuple[list[Sample], Replies]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **client_options())
+        ends = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, **client_options())
+        await admin.start()
+        await ends.start()
+        try:
+            tps = [TopicPartition(PROMPTS, p) for p in range(6)]
+            base = await ends.end_offsets(tps)
+            samples: list[Sample] = []
+            async with ReplyReader(settings.bootstrap, REPLY_PARTITION) as reader:
+                await produce(settings.bootstrap, PROMPTS, events, [i % 6 for i in range(FLOOD)])
+                while not all(reader.replies.ended(i) for i in ids):
+                    samples.append(await sample(admin, ends, base))
+                    await reader.poll()
+                    assert len(samples) < 5000, "the flood did not finish"
+            # Drained: the group commits every flood prompt.
+            deadline = time.monotonic() + 60
+            while any((await _flood_lag(admin, ends, base)).values()):
+                assert time.monotonic() < deadline, "the group did not commit the flood"
+                await asyncio.sleep(0.5)
+            return samples, reader.replies
+        finally:
+            await ends.stop()
+            await admin.close()
+
+    samples, replies = asyncio.run(go())
+    for s in samples:
+        assert all(v <= capacity for v in s.in_flight.values()), f"a worker ran over its slots: {s}"
+    for w in workers:
+        backed_up = [
+            s for s in samples if s.in_flight[w.worker_id] == capacity and s.lag[w.worker_id] > capacity
+        ]
+        assert backed_up, f"{w.worker_id} never showed full slots with prompts waiting in Kafka: {samples}"
+
+    found = _wait_completions(settings, ids)
+    for request_id in ids:
+        assert replies.final(request_id).WhichOneof("body") == "finished"
+        (completion,) = found[request_id]  # exactly once
+        assert completion.envelope.attempt == 1
+        assert completion.usage.completion_tokens > 0
+        partition = ids.index(request_id) % 6
+        assert completion.worker == owners[partition], "a waiting prompt stays with its partition's owner"
+    spans = asyncio.run(_completion_spans(settings, ids))
+    for w in workers:
+        assert _most_at_once(spans[w.worker_id]) <= capacity, f"{w.worker_id} held more than its slots"
+
+
+async def _completion_spans(settings: Settings, ids: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Per worker: (taken, completion published) of each request, in seconds since the epoch."""
+    wanted = set(ids)
+    spans: dict[str, list[tuple[float, float]]] = {"worker-a": [], "worker-b": []}
+    async for record in read_committed(settings.bootstrap, COMPLETIONS):
+        completion = events_pb2.CompletionFinished.FromString(record.value or b"")
+        if completion.envelope.request_id in wanted:
+            taken = completion.envelope.event_time.ToNanoseconds() / 1e9
+            spans[completion.worker].append((taken, record.timestamp / 1000))
+    return spans
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    """Most spans open at one moment (an end and a start at the same instant do not overlap)."""
+    edges = sorted([(end, -1) for _, end in spans] + [(start, 1) for start, _ in spans])
+    most = running = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
 def test_kill_9_mid_stream_reruns_as_the_next_attempt_and_loses_nothing(
     workers: list[Worker], settings: Settings, template: ChatTemplate
 ) -> None:
@@ -396,6 +528,11 @@ def _metric(settings: Settings, sample: str) -> float | None:
             if line.startswith(sample + " "):
                 return float(line.split()[-1])
     return None
+
+
+def _gauge(settings: Settings, sample: str) -> float:
+    """A gauge's value; 0 before the worker first set it."""
+    return _metric(settings, sample) or 0.0
 
 
 def _group_members(settings: Settings, group: str) -> int:
