@@ -9,8 +9,9 @@ mean redaction could not be guaranteed (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from services.redaction.analyzer import DeadlineExceeded, Finding, Job, RedactionError, Redactor, is_short
@@ -189,6 +190,13 @@ class Boundary:
         self.policies.override(update.tenant, policy)
         return policy
 
+    async def findings(self, policy: TenantPolicy, text: str) -> list[Finding]:
+        """Findings in one text under `policy`, analysed in a batch shared with concurrent callers."""
+        self._require_model()
+        assert self._batcher is not None
+        found = await self._batcher.find(job_for([text], policy), time.monotonic() + self.deadline_s)
+        return found[0]
+
     def findings_now(self, policy: TenantPolicy, text: str) -> list[Finding]:
         """Findings in one text under `policy`, synchronously."""
         redactor = self._require_model()
@@ -303,6 +311,7 @@ def output_redactor(boundary: Boundary, tenant: str, holdback_chars: int) -> Str
         lambda text: boundary.findings_now(policy, text),
         lambda kind, value: render(kind, value, policy, salt, None),
         holdback_chars,
+        analyze_async=lambda text: boundary.findings(policy, text),
     )
 
 
@@ -340,12 +349,24 @@ def stream_redactor_for(boundary: Boundary | None, tenant: str, settings: Settin
         raise RequestFailed("INVALID_ARGUMENT", str(exc)) from None
 
 
-def redact_chunk(stream: StreamRedactor, delta: str, final: bool) -> str:
-    """One chunk through the output redactor; a redaction failure fails the request closed."""
+@contextlib.contextmanager
+def _fails_closed() -> Iterator[None]:
+    """A redaction failure fails the request closed, with the status the caller gets."""
     try:
-        released = stream.push(delta)
-        return released + stream.finish() if final else released
+        yield
     except DeadlineExceeded as exc:
         raise RequestFailed("DEADLINE_EXCEEDED", f"output redaction: {exc}") from None
     except RedactionError as exc:
         raise RequestFailed("UNAVAILABLE", f"output redaction: {exc}") from None
+
+
+def redact_chunk(stream: StreamRedactor, delta: str, final: bool) -> str:
+    """One chunk through the output redactor, synchronously; a redaction failure fails the request closed."""
+    with _fails_closed():
+        return stream.push(delta, final)
+
+
+async def redact_chunk_async(stream: StreamRedactor, delta: str, final: bool) -> str:
+    """The same, analysed in a batch shared with every concurrent stream (the inference worker's path)."""
+    with _fails_closed():
+        return await stream.push_async(delta, final)

@@ -15,15 +15,17 @@ arrives split across chunks.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from services.redaction.analyzer import PLACEHOLDER_RE, Finding
 
-__all__ = ["Analyze", "PlaceholderRestorer", "Render", "StreamRedactor"]
+__all__ = ["Analyze", "AnalyzeAsync", "PlaceholderRestorer", "Render", "StreamRedactor"]
 
 # Finds entities in one text; raises to fail closed.
 Analyze = Callable[[str], Sequence[Finding]]
+AnalyzeAsync = Callable[[str], Awaitable[Sequence[Finding]]]
 # Replacement text for (entity type, value).
 Render = Callable[[str, str], str]
 
@@ -51,10 +53,24 @@ def _continuable(word: str) -> bool:
 
 
 class StreamRedactor:
-    """Redacts a stream incrementally: push() what arrives, finish() at the end."""
+    """Redacts a stream incrementally: push() what arrives, finish() at the end.
 
-    def __init__(self, analyze: Analyze, render: Render, holdback_chars: int = 64) -> None:
+    The analysis is the only costly step, so it comes in two forms: `analyze`
+    (synchronous, for callers without an event loop) and `analyze_async` (the
+    inference worker's: awaits a batch shared with every other stream, so N
+    concurrent streams cost one nlp.pipe batch, not N analyses fighting over the
+    GIL). Both see exactly the same text, so they release exactly the same.
+    """
+
+    def __init__(
+        self,
+        analyze: Analyze,
+        render: Render,
+        holdback_chars: int = 64,
+        analyze_async: AnalyzeAsync | None = None,
+    ) -> None:
         self._analyze = analyze
+        self._analyze_async = analyze_async
         self._render = render
         self._holdback = holdback_chars
         self._pending = ""
@@ -67,15 +83,32 @@ class StreamRedactor:
         """Characters held back right now."""
         return len(self._pending)
 
-    def push(self, delta: str) -> str:
-        """Add a delta; returns the redacted text that is now safe to release (maybe '')."""
-        self._pending += delta
-        cut = self._cut()
-        return self._release(cut) if cut > 0 else ""
+    def push(self, delta: str, final: bool = False) -> str:
+        """Add a delta; returns the redacted text that is now safe to release (maybe '').
+
+        With `final`, the stream ends here: everything left is released, after one analysis.
+        """
+        cut = self._take(delta, final)
+        return self._release(cut, self._analyze(self._context + self._pending)) if cut > 0 else ""
 
     def finish(self) -> str:
         """End of stream: release everything that is left, redacted."""
-        return self._release(len(self._pending)) if self._pending else ""
+        return self.push("", final=True)
+
+    async def push_async(self, delta: str, final: bool = False) -> str:
+        """push(), analysed through `analyze_async` (shared batches) when there is one."""
+        cut = self._take(delta, final)
+        if cut <= 0:
+            return ""
+        text = self._context + self._pending
+        if self._analyze_async is None:
+            return self._release(cut, await asyncio.to_thread(self._analyze, text))
+        return self._release(cut, await self._analyze_async(text))
+
+    def _take(self, delta: str, final: bool) -> int:
+        """Adds `delta`; how much may go now (0: nothing, so nothing needs analysing)."""
+        self._pending += delta
+        return len(self._pending) if final else self._cut()
 
     def _cut(self) -> int:
         """How much of the pending text can go now: up to a boundary, before any open entity."""
@@ -97,13 +130,14 @@ class StreamRedactor:
             cut = match.start()
         return cut
 
-    def _release(self, cut: int) -> str:
+    def _release(self, cut: int, found: Sequence[Finding]) -> str:
+        """Releases pending text up to `cut`, given the findings in context + pending."""
         text = self._pending
         shift = len(self._context)
         findings = sorted(
             (
                 Finding(max(f.start - shift, 0), f.end - shift, f.entity_type, f.score)
-                for f in self._analyze(self._context + text)
+                for f in found
                 if f.end > shift
             ),
             key=lambda f: f.start,
@@ -122,8 +156,19 @@ class StreamRedactor:
             cursor = f.end
         parts.append(text[cursor:cut])
         self._pending = text[cut:]
-        self._context = (self._context + text[:cut])[-_CONTEXT_CHARS:]
+        self._context = _context_tail(self._context + text[:cut])
         return "".join(parts)
+
+
+def _context_tail(released: str) -> str:
+    """The last _CONTEXT_CHARS of released text, starting at a word (a cut word is noise to NER)."""
+    if len(released) <= _CONTEXT_CHARS:
+        return released
+    tail = released[-_CONTEXT_CHARS:]
+    if released[-_CONTEXT_CHARS - 1].isspace():
+        return tail
+    space = re.search(r"\s", tail)
+    return tail[space.end() :] if space else tail
 
 
 class PlaceholderRestorer:
