@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections import Counter
@@ -32,7 +31,6 @@ from loadtest.loadgen import GrpcTarget, OpenAITarget, PromptMix, RunResult
 from loadtest.report import added_latency, write_report
 from loadtest.sluice_under_test import SluiceUnderTest, bench_kafka, run_sluice
 from loadtest.upstream import UpstreamConfig, run_upstream
-from sluice.lag import LagReader
 
 UPSTREAM = "a-upstream"
 SLUICE = "b-sluice-full"
@@ -64,22 +62,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def sample_lag(bootstrap: str, every_s: float, peaks: dict[str, int], stop: asyncio.Event) -> None:
-    """Highest lag seen per group/topic while `stop` is unset."""
-    reader = LagReader(bootstrap, client_id="sluice-bench-lag")
-    await reader.start()
-    try:
-        while not stop.is_set():
-            for group in await reader.groups():
-                for row in await reader.lag(group):
-                    key = f"{row.group} / {row.topic}"
-                    peaks[key] = max(peaks.get(key, 0), row.lag)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
-    finally:
-        await reader.close()
-
-
 async def one_step(
     rps: float, args: argparse.Namespace, upstream_v1: str, sluice: SluiceUnderTest
 ) -> tuple[RunResult, RunResult, dict[str, int]]:
@@ -87,23 +69,22 @@ async def one_step(
     common: dict[str, Any] = {"upstream_v1": upstream_v1, "rps": rps, "duration_s": args.duration, "mix": mix}
     direct = OpenAITarget(upstream_v1, "fixed-timing", name=UPSTREAM)
     gateway = GrpcTarget(sluice.gateway, sluice.api_key, sluice.model, name=SLUICE)
-    peaks: dict[str, int] = {}
-    stop = asyncio.Event()
     try:
         base = await measured_run(direct, seed=args.seed, name=UPSTREAM, **common)
         await warm_up(gateway, mix, args.warmup)
-        sampler = asyncio.create_task(sample_lag(sluice.settings.bootstrap, args.lag_every, peaks, stop))
-        try:
-            result = await measured_run(
-                gateway, seed=args.seed, name=SLUICE, sluice=sluice, settle_s=args.settle, **common
-            )
-        finally:
-            stop.set()
-            await sampler
+        result = await measured_run(
+            gateway,
+            seed=args.seed,
+            name=SLUICE,
+            sluice=sluice,
+            settle_s=args.settle,
+            lag_every_s=args.lag_every,
+            **common,
+        )
     finally:
         await direct.close()
         await gateway.close()
-    return base, result, peaks
+    return base, result, result.extra["consumer_lag_peaks"]
 
 
 def judge(

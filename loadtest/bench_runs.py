@@ -18,6 +18,7 @@ from typing import Any
 from loadtest.loadgen import PromptMix, RunResult, Target, run_load
 from loadtest.loss_audit import audit_run
 from loadtest.sluice_under_test import SluiceUnderTest
+from loadtest.stage_latency import lag_peaks, stage_breakdown, summary_lines
 from loadtest.upstream import fetch_stats, reset_stats
 from sluice.config import REPO_ROOT
 
@@ -80,15 +81,19 @@ async def measured_run(
     sluice: SluiceUnderTest | None = None,
     settle_s: float = 120.0,
     redacting: bool = True,
+    lag_every_s: float = 1.0,
 ) -> RunResult:
     """One load run with the upstream's /stats (and, for Sluice, the loss audit) in `extra`.
 
+    A Sluice run also gets the per-hop breakdown (loadtest/stage_latency.py) and the
+    peak lag of every consumer group, sampled every `lag_every_s` during the load.
     `redacting=False` (a stack whose policy does not redact the planted entities)
     leaves the PII scan out of the audit: raw PII downstream is then by design.
     """
     reset_stats(upstream_v1)
     since_ms = int(time.time() * 1000) - 1000
-    result = await run_load(target, rps=rps, duration_s=duration_s, mix=mix, seed=seed)
+    async with lag_peaks(sluice.settings.bootstrap if sluice else None, lag_every_s) as peaks:
+        result = await run_load(target, rps=rps, duration_s=duration_s, mix=mix, seed=seed)
     result.target = name
     stats = fetch_stats(upstream_v1)
     result.extra["upstream"] = stats
@@ -103,6 +108,11 @@ async def measured_run(
         )
         print(f"{name} @ {rps:g} rps: {audit.summary()}")
         result.extra["loss_audit"] = audit.as_dict()
+        # After the audit: the pipeline has caught up, so every hop has its samples.
+        stages = await stage_breakdown(sluice.settings, result, since_ms)
+        result.extra["stages"] = stages
+        result.extra["consumer_lag_peaks"] = peaks
+        print("\n".join(f"{name} @ {rps:g} rps: {line}" for line in summary_lines(stages, peaks)))
     return result
 
 

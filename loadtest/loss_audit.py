@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from sluice import tls
 from sluice.config import Settings, load_settings
@@ -46,6 +47,10 @@ TRAIL_STAGES = frozenset({"received", "redacted", "assembled", "completed", "cha
 RAW_TOPICS = frozenset({REQUESTS})
 # Listing the first few offenders is enough to start looking; counts carry the rest.
 SHOWN = 20
+# The audit writer's consumer group: trails are judged once it has consumed everything.
+AUDIT_GROUP = "sluice-audit"
+# After the writer caught up, how long its index (a reader of sluice.audit.v1) may take at least.
+INDEX_GRACE_S = 10.0
 
 
 @dataclass
@@ -60,6 +65,11 @@ class LossReport:
     records_scanned: int = 0
     topics_scanned: int = 0
     chain_records_checked: int = 0
+    # Whether the audit writer's group had consumed every committed record of its topics when
+    # the trails were judged (else an incomplete trail may only be late), and how long that took.
+    audit_caught_up: bool = True
+    audit_wait_s: float = 0.0
+    audit_behind: dict[str, int] = field(default_factory=dict)  # topic -> records not yet consumed
     chain_valid: bool = True
     chain_error: str = ""
     missing_completion: list[str] = field(default_factory=list)
@@ -102,6 +112,12 @@ class LossReport:
             f"{self.completions} completions",
             f"{self.charges} charges",
             f"{self.trails_complete} complete trails",
+            (
+                f"audit writer caught up in {self.audit_wait_s:.1f} s"
+                if self.audit_caught_up
+                else f"audit writer STILL BEHIND when judged ({self._behind()}): "
+                "incomplete trails may be late, not lost"
+            ),
             f"chain {'valid' if self.chain_valid else 'BROKEN'} ({self.chain_records_checked} records)",
             f"{self.records_scanned} records on {self.topics_scanned} topics scanned for "
             f"{self.planted} planted PII strings",
@@ -121,6 +137,9 @@ class LossReport:
         ]
         return f"loss audit: {verdict}: " + ", ".join(parts + problems)
 
+    def _behind(self) -> str:
+        return ", ".join(f"{topic} {n}" for topic, n in sorted(self.audit_behind.items())) or "unknown"
+
 
 async def audit_run(
     settings: Settings,
@@ -139,6 +158,12 @@ async def audit_run(
     completions, charges = await _ledger(settings, codec, wanted, since_ms, deadline)
     _judge_ledger(report, wanted, completions, charges)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    waited = time.monotonic()
+    report.audit_behind = await audit_backlog(settings, deadline)
+    report.audit_caught_up = not report.audit_behind
+    report.audit_wait_s = time.monotonic() - waited
+    if report.audit_caught_up:
+        deadline = max(deadline, time.monotonic() + INDEX_GRACE_S)
     seqs = await _trails(settings, wanted, report, deadline, metadata)
     await _verify_chain(settings, seqs, report, metadata)
     await _scan_for_pii(settings, planted, since_ms, report)
@@ -166,14 +191,14 @@ async def _ledger(
     )
     await consumer.start()
     try:
-        await _assign_from(consumer, (COMPLETIONS, USAGE), since_ms)
+        await assign_from(consumer, (COMPLETIONS, USAGE), since_ms)
         ends = await consumer.end_offsets(list(consumer.assignment()))
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
                 for record in records:
                     _count(codec, record, wanted, completions, charges)
-            caught_up = await _reached(consumer, ends)
+            caught_up = await reached(consumer, ends)
             if caught_up and (_settled(wanted, completions, charges) or time.monotonic() > deadline):
                 return completions, charges
             if caught_up:
@@ -189,7 +214,7 @@ def _count(
     completions: Counter[Key],
     charges: Counter[Key],
 ) -> None:
-    event: Any = codec.decode(record.topic, record.value, _content_type(record))
+    event: Any = codec.decode(record.topic, record.value, content_type(record))
     env = event.envelope
     if env.request_id not in wanted:
         return
@@ -220,7 +245,7 @@ def _judge_ledger(
     )
 
 
-def _content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
+def content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
     for name, value in record.headers or ():
         if name.lower() == "content-type":
             return bytes(value)
@@ -228,6 +253,58 @@ def _content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
 
 
 # --- audit trail ----------------------------------------------------------------------
+
+
+async def audit_backlog(settings: Settings, deadline: float, group: str = AUDIT_GROUP) -> dict[str, int]:
+    """Wait (until `deadline`) for the audit writer's group to consume every committed record.
+
+    Returns what it has not consumed yet per topic ({} once caught up). A plain lag
+    (end offset minus committed offset) cannot say this alone: on transactional topics
+    a commit marker follows the last record, so a group that is done still shows a lag
+    of one. Partitions that lag are therefore read from the group's offset on, read
+    committed, and only real records count.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap, client_id="sluice-loss-audit-lag", **client_options(settings)
+    )
+    probe = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        **client_options(settings),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id="sluice-loss-audit-lag",
+    )
+    await admin.start()
+    try:
+        await probe.start()
+        while True:
+            behind = await _unconsumed(admin, probe, group)
+            if not behind or time.monotonic() > deadline:
+                return behind
+            await asyncio.sleep(1.0)
+    finally:
+        await probe.stop()
+        await admin.close()
+
+
+async def _unconsumed(admin: AIOKafkaAdminClient, probe: AIOKafkaConsumer, group: str) -> dict[str, int]:
+    committed = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
+    if not committed:
+        return {"(group has no committed offsets)": 1}
+    ends = await probe.end_offsets(list(committed))  # read committed: the last stable offset
+    lagging = {tp: ends[tp] for tp, offset in committed.items() if 0 <= offset < ends[tp]}
+    behind: dict[str, int] = {}
+    if not lagging:
+        return behind
+    probe.assign(list(lagging))
+    for tp in lagging:
+        probe.seek(tp, committed[tp])
+    while not await reached(probe, lagging):
+        for tp, records in (await probe.getmany(timeout_ms=500, max_records=5000)).items():
+            waiting = sum(r.offset < lagging[tp] for r in records)
+            if waiting:
+                behind[tp.topic] = behind.get(tp.topic, 0) + waiting
+    return behind
 
 
 async def _trails(
@@ -312,9 +389,9 @@ async def _scan_for_pii(
     try:
         topics = sorted(t for t in await consumer.topics() if t not in RAW_TOPICS and not t.startswith("__"))
         report.topics_scanned = len(topics)
-        await _assign_from(consumer, topics, since_ms)
+        await assign_from(consumer, topics, since_ms)
         ends = await consumer.end_offsets(list(consumer.assignment()))
-        while not await _reached(consumer, ends):
+        while not await reached(consumer, ends):
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
                 for record in records:
@@ -338,7 +415,7 @@ def _leaks(record: ConsumerRecord[bytes, bytes], needles: Iterable[tuple[int, by
 # --- shared consumer helpers ----------------------------------------------------------
 
 
-async def _assign_from(consumer: AIOKafkaConsumer, topics: Iterable[str], since_ms: int) -> None:
+async def assign_from(consumer: AIOKafkaConsumer, topics: Iterable[str], since_ms: int) -> None:
     """Assign every partition of `topics` and seek to the first record at or after `since_ms`."""
     partitions = [
         TopicPartition(topic, p) for topic in topics for p in sorted(await _partitions(consumer, topic))
@@ -361,7 +438,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     return set(known or ())
 
 
-async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+async def reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
     for tp, end in ends.items():
         if await consumer.position(tp) < end:
             return False
