@@ -198,7 +198,7 @@ class Boundary:
         return found[0]
 
     def findings_now(self, policy: TenantPolicy, text: str) -> list[Finding]:
-        """Findings in one text under `policy`, synchronously."""
+        """Findings in one text under `policy`, synchronously (the CLI, the gRPC stream, benches)."""
         redactor = self._require_model()
         deadline = time.monotonic() + self.deadline_s
         return redactor.find_many([job_for([text], policy)], language=policy.language, deadline=deadline)[0][
@@ -222,7 +222,7 @@ class Boundary:
     def redact_now(
         self, tenant: str, texts: Sequence[str], language: str = ""
     ) -> tuple[Applied, TenantPolicy]:
-        """The same, synchronously, for callers without an event loop (CLI, output streams)."""
+        """The same, synchronously, for callers without an event loop (CLI)."""
         policy = self.policy(tenant, language)
         if not policy.redact:
             return _unanalysed(texts, policy), policy

@@ -8,7 +8,11 @@ only to count its calls (one call = one nlp.pipe batch).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +168,24 @@ def test_context_keeps_whole_words_only() -> None:
     tail = _context_tail(long)
     assert len(tail) <= 80 and long.endswith(tail) and tail.split()[0] in ("alpha", "omega")
     assert _context_tail("x" * 200) == "x" * 80  # one long word: the last 80 characters
+
+
+def test_the_analyzer_multiplies_on_one_blas_thread(loaded_redactor: Redactor) -> None:
+    """OpenBLAS's spinning helper threads cost the analyzer 4-7x its CPU on a busy machine."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        pytest.skip("OPENBLAS_NUM_THREADS is set: the operator's choice stands")
+    maps = Path("/proc/self/maps").read_text()
+    libraries = sorted(set(re.findall(r"/\S*openblas\S*\.so[.\d]*$", maps, re.MULTILINE)))
+    assert libraries, "numpy's OpenBLAS is not loaded"
+    for path in libraries:
+        library = ctypes.CDLL(path)
+        getter = next(
+            getattr(library, n)
+            for n in (
+                "scipy_openblas_get_num_threads64_",
+                "openblas_get_num_threads64_",
+                "openblas_get_num_threads",
+            )
+            if hasattr(library, n)
+        )
+        assert getter() == 1, path
