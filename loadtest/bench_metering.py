@@ -10,6 +10,15 @@ from the first commit to the last. Finally the ledger is read back and checked
 for exact totals and no duplicates, so a fast but wrong run cannot report a number.
 It also reports the metering process's CPU time (user + sys) per 1,000 entries over
 the same window: on a machine shared with other work that, not the rate, compares runs.
+
+Then, with the same process still running, it measures how soon a hard budget blocks
+once crossed ("within one second", issue #6): for each of `--crossings` tenants with a
+hard daily token budget, one completion that crosses it is produced to
+sluice.completions.v1, and a gateway's own budget view (services/gateway/budgets.py,
+reading sluice.budgets.v1 like every gateway) is watched until it rejects the tenant.
+The time from the completion's acknowledged produce to that rejection spans the pricer's
+transaction, the scoped budget deltas, the faust budget agent's transaction and the
+gateway's read; p50, p99 and max are printed.
 """
 
 from __future__ import annotations
@@ -20,18 +29,29 @@ import os
 import platform
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaProducer
 
+from services.gateway.budgets import BudgetGuard
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
-from sluice.kafka_security import client_options
 from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
 from sluice.topics import COMPLETIONS
-from tests.metering.helpers import charges, kill_hard, produce, start_metering, varied_completions, wait_until
+from sluice.v1 import billing_pb2
+from tests.metering.helpers import (
+    charges,
+    committed,
+    completion,
+    kill_hard,
+    produce,
+    set_budget,
+    start_metering,
+    varied_completions,
+    wait_until,
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -40,21 +60,74 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def committed(bootstrap: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
-    await admin.start()
+class WatchedGuard(BudgetGuard):
+    """A gateway's budget view that notes when each tenant got a state, and when it blocked."""
+
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(bootstrap)
+        self.known: set[str] = set()
+        self.blocked_at: dict[str, float] = {}
+
+    def apply(self, key: str, value: bytes | None) -> None:
+        super().apply(key, value)
+        tenant = key.split("/", 1)[0]
+        self.known.add(tenant)
+        if tenant not in self.blocked_at and self.check(tenant, "", datetime.now(UTC)) is not None:
+            self.blocked_at[tenant] = time.perf_counter()
+
+
+async def block_latencies(bootstrap: str, crossings: int) -> list[float]:
+    """Seconds from producing a budget-crossing completion to a gateway's budget view blocking."""
+    guard = WatchedGuard(bootstrap)
+    reader = asyncio.create_task(guard.run())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    latencies = []
     try:
-        offsets = await admin.list_consumer_group_offsets("sluice-metering")
-    except KafkaError:  # no group yet: nothing committed
-        return 0
+        await guard.ready.wait()
+        for i in range(crossings):
+            tenant = f"block-{i}"
+            budget = billing_pb2.Budget(
+                tenant=tenant,
+                period=billing_pb2.BUDGET_PERIOD_DAY,
+                currency="USD",
+                limit_tokens=100,
+                mode=billing_pb2.BUDGET_MODE_HARD,
+            )
+            await set_budget(bootstrap, budget)
+            # The budget is in force (its first state reached the gateway): now cross it.
+            await until(lambda t=tenant: t in guard.known, 60)  # type: ignore[misc]
+            crossing = completion(tenant, 150, 50)
+            await producer.send_and_wait(
+                COMPLETIONS, crossing.SerializeToString(), key=crossing.envelope.request_id.encode()
+            )
+            produced = time.perf_counter()
+            await until(lambda t=tenant: t in guard.blocked_at, 60)  # type: ignore[misc]
+            latencies.append(guard.blocked_at[tenant] - produced)
     finally:
-        await admin.close()
-    return sum(o.offset for tp, o in offsets.items() if tp.topic == COMPLETIONS and o.offset > 0)
+        await producer.stop()
+        reader.cancel()
+    return latencies
+
+
+async def until(check: object, timeout: float) -> None:
+    """Wait for `check` (the guard itself notes the moment of the block)."""
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no budget block within {timeout:.0f}s")
+        await asyncio.sleep(0.01)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--crossings", type=int, default=20, help="budget crossings timed (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port, controller, grpc_port = free_ports(3)
@@ -89,6 +162,9 @@ def main() -> None:
                 )
                 elapsed = time.perf_counter() - started
                 cpu = cpu_seconds(metering.pid) - cpu_start
+                latencies = (
+                    asyncio.run(block_latencies(broker.bootstrap, args.crossings)) if args.crossings else []
+                )
             finally:
                 kill_hard(metering)
             ledger = asyncio.run(charges(broker.bootstrap, "bench"))
@@ -104,6 +180,13 @@ def main() -> None:
                 f"  metering process CPU {cpu:.2f}s = {cpu / (args.count - first) * 1000:.3f} CPU-s per 1,000"
                 f" entries; load average {os.getloadavg()[0]:.1f}"
             )
+            if latencies:
+                p50, p99, worst = (percentile(latencies, 50), percentile(latencies, 99), max(latencies))
+                print(
+                    f"hard budget block, crossing completion produced -> gateway budget view blocks"
+                    f" ({len(latencies)} crossings): p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms,"
+                    f" max {worst * 1000:.0f} ms"
+                )
         finally:
             broker.stop()
 
