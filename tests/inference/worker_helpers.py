@@ -78,10 +78,17 @@ async def produce(
     topic: str,
     events: Sequence[events_pb2.PromptAssembled | events_pb2.ControlEvent] | Sequence[bytes],
     partitions: Sequence[int | None] | None = None,
+    producer: AIOKafkaProducer | None = None,
 ) -> None:
-    """Produce events (or raw bytes) keyed by request_id, optionally to chosen partitions."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=1)
-    await producer.start()
+    """Produce events (or raw bytes) keyed by request_id, optionally to chosen partitions.
+
+    Without `producer`, one is started and stopped for this call (a timed caller
+    passes a started one, so connecting is not part of what it measures).
+    """
+    own = producer is None
+    if producer is None:
+        producer = new_producer(bootstrap)
+        await producer.start()
     try:
         pending = []
         for i, event in enumerate(events):
@@ -92,7 +99,12 @@ async def produce(
         for future in pending:
             await future
     finally:
-        await producer.stop()
+        if own:
+            await producer.stop()
+
+
+def new_producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=1)
 
 
 @dataclass
