@@ -77,6 +77,7 @@ class StreamRedactor:
         # The tail of what was already released, in clear: analysis context only
         # ("I live in" before "Reykjavik"), never released again.
         self._context = ""
+        self._turn = asyncio.Lock()
 
     @property
     def held(self) -> int:
@@ -96,14 +97,19 @@ class StreamRedactor:
         return self.push("", final=True)
 
     async def push_async(self, delta: str, final: bool = False) -> str:
-        """push(), analysed through `analyze_async` (shared batches) when there is one."""
-        cut = self._take(delta, final)
-        if cut <= 0:
-            return ""
-        text = self._context + self._pending
-        if self._analyze_async is None:
-            return self._release(cut, await asyncio.to_thread(self._analyze, text))
-        return self._release(cut, await self._analyze_async(text))
+        """push(), analysed through `analyze_async` (shared batches) when there is one.
+
+        Calls on one stream run one at a time: findings are offsets into the text
+        as it was when analysed, which a delta pushed meanwhile would shift.
+        """
+        async with self._turn:
+            cut = self._take(delta, final)
+            if cut <= 0:
+                return ""
+            text = self._context + self._pending
+            if self._analyze_async is None:
+                return self._release(cut, await asyncio.to_thread(self._analyze, text))
+            return self._release(cut, await self._analyze_async(text))
 
     def _take(self, delta: str, final: bool) -> int:
         """Adds `delta`; how much may go now (0: nothing, so nothing needs analysing)."""

@@ -123,6 +123,15 @@ async def test_the_batched_path_releases_exactly_what_the_synchronous_one_does(
     assert "AKIA" not in "".join(expected) and "Jane" not in "".join(expected)
 
 
+async def test_overlapping_pushes_on_one_stream_are_taken_in_turn(fresh: Boundary) -> None:
+    text = answer("Jane Roe", "jane.roe@example.org")
+    sync = output_redactor(fresh, "demo", 64)
+    expected = "".join([sync.push(chunk) for chunk in pieces(text, 6)] + [sync.finish()])
+    stream = output_redactor(fresh, "demo", 64)
+    released = await asyncio.gather(*(stream.push_async(chunk) for chunk in pieces(text, 6)))
+    assert "".join(released) + await stream.push_async("", final=True) == expected
+
+
 async def test_one_stream_failing_its_analysis_fails_closed_and_the_others_go_on(
     fresh: Boundary, loaded_redactor: Redactor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
