@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
+import time
 import uuid
 from typing import Protocol
 
@@ -29,9 +32,35 @@ def new_traceparent() -> str:
 
 
 def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+class _EventIds:
+    """Unique event ids without a uuid4 (an os.urandom call) per event.
+
+    64 random bits per process, then a counter: as unique as uuid4 hex (same length),
+    at a fraction of the cost for services that stamp an event per record. A forked
+    child draws its own prefix.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_event_ids = _EventIds()
+
+
+def new_event_id() -> str:
+    return _event_ids.next()
 
 
 def new_envelope(
@@ -50,7 +79,7 @@ def new_envelope(
         # A request's first event joins the caller's trace (the gateway's RPC span) if there is one.
         traceparent=traceparent or current_traceparent() or new_traceparent(),
         schema_version=SCHEMA_VERSION,
-        event_id=uuid.uuid4().hex,
+        event_id=new_event_id(),
         producer=producer,
     )
 

@@ -13,10 +13,14 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import random
+import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -34,6 +38,62 @@ from sluice.v1 import events_pb2
 log = get_logger()
 
 T = TypeVar("T")
+_MURMUR_M = 0x5BD1E995
+_MASK32 = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's (Java client's) murmur2 of a key, bit for bit, cheaper than aiokafka's.
+
+    aiokafka's default partitioner hashes every keyed send byte by byte in pure Python;
+    reading the key's 32-bit words at once is about twice as cheap (a unit test checks
+    it against aiokafka's for many keys), so a key still lands where a Java or
+    librdkafka producer would put it.
+    """
+    length = len(data)
+    h = 0x9747B28C ^ length
+    base = length & ~3
+    for k in memoryview(data)[:base].cast("I"):  # little-endian words (checked at import)
+        k = (k * _MURMUR_M) & _MASK32
+        k ^= k >> 24
+        h = ((h * _MURMUR_M) & _MASK32) ^ ((k * _MURMUR_M) & _MASK32)
+    tail = length & 3
+    if tail >= 3:
+        h ^= data[base + 2] << 16
+    if tail >= 2:
+        h ^= data[base + 1] << 8
+    if tail:
+        h = ((h ^ data[base]) * _MURMUR_M) & _MASK32
+    h ^= h >> 13
+    h = (h * _MURMUR_M) & _MASK32
+    return h ^ (h >> 15)
+
+
+if sys.byteorder != "little" or struct.calcsize("I") != 4:  # the word reads above assume both
+    from aiokafka.partitioner import murmur2  # type: ignore[no-redef]
+
+
+def partition_for(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's DefaultPartitioner (Java-compatible: murmur2 of the key), with the fast murmur2."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+
+
+@cache
+def _consumed(service: str, topic: str, outcome: str) -> Any:
+    """Labelled children are looked up once: a label lookup costs as much as a small handler."""
+    return metrics.EVENTS_CONSUMED.labels(service, topic, outcome)
+
+
+@cache
+def _handler_seconds(service: str, topic: str) -> Any:
+    return metrics.HANDLER_SECONDS.labels(service, topic)
+
+
+@cache
+def _produced(service: str, topic: str) -> Any:
+    return metrics.EVENTS_PRODUCED.labels(service, topic)
 
 
 async def with_backoff(
@@ -80,6 +140,7 @@ async def start_producer(
             acks="all",
             linger_ms=1,
             transactional_id=transactional_id,
+            partitioner=partition_for,
         )
         try:
             await producer.start()
@@ -229,12 +290,17 @@ class EventConsumer:
     # returns join that poll's transaction, after the records' own. For outputs about the
     # poll as a whole (metering's budget sums), which then commit exactly when its records do.
     poll_outputs: Callable[[], Sequence[Output]] | None = None
+    # Called once a poll's records are handled, before their offsets commit: for handlers that
+    # write a local store, to make the poll durable in one write (metering's SQLite ledger view
+    # commits once per poll instead of once per row).
+    after_poll: Callable[[], None] | None = None
     _consumer: AIOKafkaConsumer | None = None
     _pending: list[Output] = field(default_factory=list)
     _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     _recent: RecentKeys = field(default_factory=RecentKeys)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _own_producer: bool = False  # replaced the runtime's broken producer, so we must stop ours
+    _commit_unsure: bool = False  # a commit failed, but the broker may have committed it anyway
 
     async def run(self) -> None:
         consumer = await with_backoff(f"consumer {self.group_id}", self.service, self._start)
@@ -251,6 +317,8 @@ class EventConsumer:
                 else:
                     for record in records:
                         await self._handle(record)
+                if records and self.after_poll is not None:
+                    self.after_poll()
                 handled = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
                 # One commit per poll, after every record's outputs are acknowledged: a crash
                 # re-delivers at most this poll, which the (request_id, attempt) dedupe absorbs.
@@ -296,7 +364,7 @@ class EventConsumer:
     def _duplicate(self, record: ConsumerRecord[bytes, bytes], env: Any) -> bool:
         if not self._recent.seen(dedupe_key(record, env)):
             return False
-        metrics.EVENTS_CONSUMED.labels(self.service, record.topic, "duplicate").inc()
+        _consumed(self.service, record.topic, "duplicate").inc()
         log.info("duplicate dropped", request_id=env.request_id, attempt=env.attempt)
         return True
 
@@ -340,11 +408,12 @@ class EventConsumer:
                 await turn()  # handled concurrently: produce in poll order
                 if env is not None and env.request_id and self._duplicate(record, env):
                     return  # the same event came twice in one poll
-            await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
+            if outputs or self.transactional:  # (a transaction commits the offset even of no outputs)
+                await with_backoff("produce", self.service, lambda: self._produce(outputs, record))
             if env is not None and env.request_id:
                 self._recent.remember(dedupe_key(record, env))
-            metrics.EVENTS_CONSUMED.labels(self.service, record.topic, outcome).inc()
-            metrics.HANDLER_SECONDS.labels(self.service, record.topic).observe(time.perf_counter() - started)
+            _consumed(self.service, record.topic, outcome).inc()
+            _handler_seconds(self.service, record.topic).observe(time.perf_counter() - started)
 
     def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], event: Message | None, reason: str, code: str
@@ -356,18 +425,21 @@ class EventConsumer:
             self._pending.extend(outputs)  # produced with the rest of the poll in `_produce_batch`
             self._pending_offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
         elif self.transactional:
+            offsets = {TopicPartition(record.topic, record.partition): record.offset + 1}
+            if await self._committed_after_all(offsets):
+                return
             async with self._transaction():
                 await self._send_all(outputs)
-                tp = TopicPartition(record.topic, record.partition)
-                await self.producer.send_offsets_to_transaction({tp: record.offset + 1}, self.group_id)
+                await self.producer.send_offsets_to_transaction(offsets, self.group_id)
         else:
             await self._send_all(outputs)
 
     async def _produce_batch(self) -> None:
         """One transaction for a whole poll: every output and every input offset, or none."""
-        async with self._transaction():
-            await self._send_all(self._pending)
-            await self.producer.send_offsets_to_transaction(self._pending_offsets, self.group_id)
+        if not await self._committed_after_all(self._pending_offsets):
+            async with self._transaction():
+                await self._send_all(self._pending)
+                await self.producer.send_offsets_to_transaction(self._pending_offsets, self.group_id)
         self._pending.clear()
         self._pending_offsets.clear()
 
@@ -378,15 +450,40 @@ class EventConsumer:
         aiokafka can leave a transactional producer failing every later transaction (e.g.
         OutOfOrderSequenceNumber after a leader change), so retrying with it would stall the
         consumer for good. A new producer with the same transactional id fences the old one
-        and aborts its open transaction, so nothing is produced twice.
+        and settles its last transaction: the broker aborts an open one, but completes one
+        whose commit it had begun (its EndTxn was written, and only the answer failed). So
+        after a failed commit the retry first asks the group whether the offsets committed
+        (`_committed_after_all`): redoing a transaction that did commit would produce its
+        outputs twice.
         """
+        committing = False
         try:
             async with self.producer.transaction():
                 yield
+                committing = True  # the body is done; leaving the block commits
         except KafkaError as exc:
-            if not isinstance(exc, KafkaConnectionError):
+            if committing:
+                self._commit_unsure = True
+                await self._renew_producer(exc)  # settles the transaction before we ask
+            elif not isinstance(exc, KafkaConnectionError):
                 await self._renew_producer(exc)
             raise
+
+    async def _committed_after_all(self, offsets: dict[TopicPartition, int]) -> bool:
+        """After a failed commit: did that transaction (which ended at `offsets`) commit anyway?
+
+        The input offsets commit in the transaction itself, so the group's committed offsets
+        say exactly whether it did, once a new producer has settled it.
+        """
+        if not self._commit_unsure or self._consumer is None:
+            return False
+        consumer = self._consumer
+        committed = {tp: await consumer.committed(tp) for tp in offsets}  # a failure retries
+        self._commit_unsure = False
+        if any((committed[tp] or 0) < offset for tp, offset in offsets.items()):
+            return False
+        log.warning("a commit reported as failed had committed; not redoing it", group=self.group_id)
+        return True
 
     async def _renew_producer(self, exc: KafkaError) -> None:
         manager = getattr(self.producer, "_txn_manager", None)  # aiokafka keeps the id only there
@@ -425,7 +522,7 @@ async def send_all(producer: AIOKafkaProducer, service: str, outputs: Sequence[O
     for future in pending:
         await future
     for o in outputs:
-        metrics.EVENTS_PRODUCED.labels(service, o.topic).inc()
+        _produced(service, o.topic).inc()
 
 
 def dead_letter(
@@ -481,7 +578,7 @@ async def send(producer: AIOKafkaProducer, service: str, output: Output) -> None
         partition=output.partition,
         headers=list(output.headers) or None,
     )
-    metrics.EVENTS_PRODUCED.labels(service, output.topic).inc()
+    _produced(service, output.topic).inc()
 
 
 def _content_type(record: ConsumerRecord[bytes, bytes]) -> bytes | None:

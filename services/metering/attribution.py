@@ -42,16 +42,17 @@ class Attribution:
         return (row[0], row[1]) if row else ("", "")
 
     def note(self, request_id: str, *, key_id: str | None = None, template: str | None = None) -> None:
-        with self._db:
-            self._db.execute("INSERT OR IGNORE INTO attribution (request_id) VALUES (?)", (request_id,))
-            if key_id:
-                self._db.execute(
-                    "UPDATE attribution SET key_id = ? WHERE request_id = ?", (key_id, request_id)
-                )
-            if template:
-                self._db.execute(
-                    "UPDATE attribution SET template = ? WHERE request_id = ?", (template, request_id)
-                )
+        """Remember ids in the open write; `flush` commits them (once per poll, before its offsets)."""
+        self._db.execute("INSERT OR IGNORE INTO attribution (request_id) VALUES (?)", (request_id,))
+        if key_id:
+            self._db.execute("UPDATE attribution SET key_id = ? WHERE request_id = ?", (key_id, request_id))
+        if template:
+            self._db.execute(
+                "UPDATE attribution SET template = ? WHERE request_id = ?", (template, request_id)
+            )
+
+    def flush(self) -> None:
+        self._db.commit()
 
     async def handle(self, event: Message, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
         if isinstance(event, events_pb2.GenerationRequested) and event.key_id:
@@ -63,4 +64,5 @@ class Attribution:
         return ()
 
     def close(self) -> None:
+        self.flush()
         self._db.close()

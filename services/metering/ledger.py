@@ -47,6 +47,8 @@ COLUMNS = (
     " fallback_price, corrects_version, completed_at, charged_at"
 )
 
+INSERT = f"INSERT OR IGNORE INTO entries ({COLUMNS}) VALUES ({','.join('?' * 19)})"
+
 # GetUsage groupings: the SQL expression each one groups by.
 GROUPS = {
     "model": "model",
@@ -90,35 +92,43 @@ class Ledger:
         self._db.executescript(SCHEMA)
 
     def record(self, charge: events_pb2.UsageCharged) -> bool:
-        """Store an entry; False if it was already stored."""
+        """Store an entry in the open write (see `flush`); False if it was already stored."""
         env = charge.envelope
         kind = charge.kind or billing_pb2.CHARGE_KIND_COMPLETION
-        with self._db:
-            cursor = self._db.execute(
-                f"INSERT OR IGNORE INTO entries ({COLUMNS}) VALUES ({','.join('?' * 19)})",
-                (
-                    env.request_id,
-                    env.attempt,
-                    kind,
-                    charge.cost.price_version,
-                    env.tenant,
-                    charge.key_id,
-                    charge.template,
-                    charge.model,
-                    charge.finish_reason,
-                    charge.usage.prompt_tokens,
-                    charge.usage.completion_tokens,
-                    charge.usage.cached_tokens,
-                    charge.engine_busy_ms,
-                    charge.cost.nanos,
-                    charge.cost.currency,
-                    int(charge.fallback_price),
-                    charge.corrects_version,
-                    completed_at(charge),
-                    env.event_time.ToJsonString(),
-                ),
-            )
+        cursor = self._db.execute(
+            INSERT,
+            (
+                env.request_id,
+                env.attempt,
+                kind,
+                charge.cost.price_version,
+                env.tenant,
+                charge.key_id,
+                charge.template,
+                charge.model,
+                charge.finish_reason,
+                charge.usage.prompt_tokens,
+                charge.usage.completion_tokens,
+                charge.usage.cached_tokens,
+                charge.engine_busy_ms,
+                charge.cost.nanos,
+                charge.cost.currency,
+                int(charge.fallback_price),
+                charge.corrects_version,
+                completed_at(charge),
+                env.event_time.ToJsonString(),
+            ),
+        )
         return cursor.rowcount == 1
+
+    def flush(self) -> None:
+        """Commit the entries recorded since the last flush, in one SQLite transaction.
+
+        The ledger view calls it once per poll, before the poll's offsets commit (a commit
+        per row cost more than everything else metering does per charge); a crash before
+        it re-delivers the poll, and the primary key makes the replay harmless.
+        """
+        self._db.commit()
 
     def totals(
         self,
@@ -155,6 +165,7 @@ class Ledger:
             yield dict(zip(names, row, strict=True))
 
     def close(self) -> None:
+        self.flush()
         self._db.close()
 
 

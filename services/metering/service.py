@@ -69,7 +69,7 @@ class MeteringService(Service):
         self.side_producer = await start_producer(settings.bootstrap, self.name)
         self.servicer.producer = self.side_producer
 
-        def plain(topics: list[str], handler: Any, group_id: str) -> EventConsumer:
+        def plain(topics: list[str], handler: Any, group_id: str, **options: Any) -> EventConsumer:
             return EventConsumer(
                 service=self.name,
                 group_id=group_id,
@@ -78,6 +78,7 @@ class MeteringService(Service):
                 codec=runtime.codec,
                 bootstrap=settings.bootstrap,
                 producer=self.side_producer,
+                **options,
             )
 
         return [
@@ -90,9 +91,21 @@ class MeteringService(Service):
                 poll_outputs=self.pricer.budget_outputs,
                 _recent=recent,
             ),
-            # The ledger view dedupes by its primary key, which also tells corrections apart.
-            plain([USAGE], self.record, "sluice-metering-ledger-v2"),
-            plain([REQUESTS, PROMPTS], self.attribution.handle, "sluice-metering-attribution"),
+            # The ledger view dedupes by its primary key, which also tells corrections apart;
+            # it writes SQLite once per poll, before the poll's offsets commit.
+            plain(
+                [USAGE],
+                self.record,
+                "sluice-metering-ledger-v2",
+                after_poll=self.ledger.flush,
+                max_records=500,
+            ),
+            plain(
+                [REQUESTS, PROMPTS],
+                self.attribution.handle,
+                "sluice-metering-attribution",
+                after_poll=self.attribution.flush,
+            ),
         ]
 
     async def background(self, runtime: Runtime) -> Sequence[asyncio.Task[None]]:

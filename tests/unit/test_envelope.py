@@ -47,3 +47,18 @@ def test_request_ids_are_unique() -> None:
 def test_envelope_roundtrips_through_bytes() -> None:
     env = envelope.new_envelope(request_id="r1", tenant="t", producer="p")
     assert envelope_pb2.Envelope.FromString(env.SerializeToString()) == env
+
+
+def test_event_ids_are_unique_hex_and_a_forked_child_draws_its_own() -> None:
+    import os
+
+    ids = {envelope.new_envelope(request_id="r", tenant="t", producer="p").event_id for _ in range(1000)}
+    assert len(ids) == 1000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: same counter state as the parent, so only a new prefix keeps ids apart
+        os.write(write, envelope.new_event_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child[:16] != envelope.new_event_id()[:16]
