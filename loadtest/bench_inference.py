@@ -36,7 +36,11 @@ not): direct = this process (llama.cpp) + the idle broker; end to end = the
 worker (llama.cpp + its Python; "worker event loop" is its main thread alone:
 consuming, chunking, producing), the broker, and this process (producer and
 reply reader). llama.cpp alone saturates both cores of the 2-vCPU dev box, so
-every CPU-second the rest spends comes out of the engine's throughput.
+every CPU-second the rest spends comes out of the engine's throughput. Part
+of that cost is per second, not per token (the broker's and the worker's
+background work, long polls); the bench prints it too ("idle CPU-s per
+second", after the run), because on a loaded machine the run lasts longer and
+that part inflates the per-token figures.
 
 The reply reader long-polls (fetch_max_wait_ms 500, Kafka's default): the
 broker answers as soon as a chunk arrives, so it adds no latency, and it does
@@ -80,6 +84,7 @@ from tests.metering.helpers import kill_hard, wait_until
 PROMPT = "Count from 1 to 500, separated by commas."
 REPLY_PARTITION = 0
 _TICK = os.sysconf("SC_CLK_TCK")
+IDLE_S = 5.0
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -234,6 +239,12 @@ def main() -> None:
                     }
                 )
                 e2e = asyncio.run(end_to_end(settings, template, args.streams, args.tokens, e2e_cpu))
+                idle = CpuMeter(
+                    {name: e2e_cpu.targets[name] for name in e2e_cpu.targets if "bench" not in name}
+                )
+                idle.start()
+                time.sleep(IDLE_S)
+                idle.stop()
             finally:
                 kill_hard(worker)
         finally:
@@ -256,6 +267,9 @@ def main() -> None:
         f"  CPU-s per 1,000 output tokens, direct: "
         f"{per_k_tokens(direct_cpu.spent, engine.tokens, list(direct_cpu.spent))}\n"
         f"  CPU-s per 1,000 output tokens, e2e: {per_k_tokens(e2e_cpu.spent, e2e.tokens, processes)}\n"
+        f"  idle CPU-s per second (after the run, {IDLE_S:.0f} s): "
+        + ", ".join(f"{name} {spent / IDLE_S:.3f}" for name, spent in idle.spent.items())
+        + "\n"
         f"  engine: {args.slots} slots x {threads} llama.cpp thread(s) each on both paths; "
         f"reply reader long-polls (fetch_max_wait_ms {IDLE_POLL_MS})"
     )
