@@ -64,6 +64,8 @@ class _Pending:
     job: Job
     deadline: float
     future: asyncio.Future[list[list[Finding]]]
+    # find_in_turn: the deadline is this many seconds from when the job's analysis starts.
+    budget_s: float | None = None
 
 
 @dataclass
@@ -83,15 +85,29 @@ class MicroBatcher:
     _worker: asyncio.Task[None] | None = None
 
     async def find(self, job: Job, deadline: float) -> list[list[Finding]]:
-        future: asyncio.Future[list[list[Finding]]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(job, deadline, future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
+        future = self._enqueue(_Pending(job, deadline, asyncio.get_running_loop().create_future()))
         try:
             # The caller hears at the deadline; the analyzer stops at its next check.
             return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceeded("deadline: PII analysis did not finish in time") from None
+
+    async def find_in_turn(self, job: Job, budget_s: float) -> list[list[Finding]]:
+        """Like find(), but the deadline runs from when the job's analysis starts, not while it waits.
+
+        For output streams: as when each stream analysed in a thread of its own, a
+        busy analyzer delays a stream rather than failing it; the analysis itself
+        is bounded all the same (DeadlineExceeded).
+        """
+        return await self._enqueue(
+            _Pending(job, float("inf"), asyncio.get_running_loop().create_future(), budget_s)
+        )
+
+    def _enqueue(self, pending: _Pending) -> asyncio.Future[list[list[Finding]]]:
+        self._queue.append(pending)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return pending.future
 
     async def _drain(self) -> None:
         while self._queue:
@@ -116,6 +132,10 @@ class MicroBatcher:
         batch = [p for p in batch if not p.future.done()]
         if not batch:
             return True
+        started = time.monotonic()
+        for p in batch:
+            if p.budget_s is not None:
+                p.deadline = started + p.budget_s
         try:
             results = await asyncio.to_thread(
                 self.redactor.find_many,
@@ -191,11 +211,14 @@ class Boundary:
         return policy
 
     async def findings(self, policy: TenantPolicy, text: str) -> list[Finding]:
-        """Findings in one text under `policy`, analysed in a batch shared with concurrent callers."""
+        """Findings in one text under `policy`, analysed in a batch shared with concurrent callers.
+
+        The deadline bounds the analysis, not the wait for a turn (find_in_turn),
+        as when every stream analysed in its own thread.
+        """
         self._require_model()
         assert self._batcher is not None
-        found = await self._batcher.find(job_for([text], policy), time.monotonic() + self.deadline_s)
-        return found[0]
+        return (await self._batcher.find_in_turn(job_for([text], policy), self.deadline_s))[0]
 
     def findings_now(self, policy: TenantPolicy, text: str) -> list[Finding]:
         """Findings in one text under `policy`, synchronously (the CLI, the gRPC stream, benches)."""

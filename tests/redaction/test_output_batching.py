@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,32 @@ async def test_past_the_deadline_or_without_a_model_the_stream_fails_closed(
         await redact_chunk_async(output_redactor(unloaded, "demo", 64), "some words here ", final=True)
     assert missing.value.code == "UNAVAILABLE"
     assert str(missing.value) == "output redaction: redaction model is not loaded"
+
+
+async def test_the_deadline_bounds_a_streams_analysis_not_its_wait_for_a_turn(
+    fresh: Boundary, loaded_redactor: Redactor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = loaded_redactor.find_many
+
+    def slow_for_one_stream(jobs: Sequence[Job], **kwargs: Any) -> list[list[list[Any]]]:
+        if any("SLOWPOKE" in text for job in jobs for text in job.texts):
+            time.sleep(2 * fresh.deadline_s)  # an analysis that overruns its deadline
+        return real(jobs, **kwargs)
+
+    monkeypatch.setattr(loaded_redactor, "find_many", slow_for_one_stream)
+    fresh.deadline_s = 1.0
+    slow = asyncio.create_task(
+        redact_chunk_async(output_redactor(fresh, "demo", 64), "SLOWPOKE says hi ", False)
+    )
+    await asyncio.sleep(0.2)  # its batch is running now
+    queued = asyncio.create_task(
+        redact_chunk_async(output_redactor(fresh, "demo", 64), "plain words here ", False)
+    )
+    with pytest.raises(RequestFailed) as late:
+        await slow
+    assert late.value.code == "DEADLINE_EXCEEDED"
+    # Waited longer than the deadline for its turn, then analysed within it: released, not failed.
+    assert await queued == "plain words here "
 
 
 def test_context_keeps_whole_words_only() -> None:
