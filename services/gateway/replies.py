@@ -3,6 +3,15 @@
 The reader has no consumer group: a gateway replica owns one partition and only
 needs what arrives after it starts, so it seeks to the end once and never commits.
 
+It is two readers of that partition. Metering writes its replies (the charge, or a
+failure) inside its ledger transaction, and a read-committed reader sees nothing
+past an open transaction: every token chunk written after a charge's transaction
+began would wait for metering to commit, and under load metering's transactions
+are open most of the time. So a read-uncommitted reader delivers the replies of
+the non-transactional writers (pseudonyms, chunks, finished, restarts, failures
+of the other stages) as soon as they are written, and a read-committed reader
+delivers only metering's, once committed (an aborted charge is never seen).
+
 `replay` is the other way in, for an idempotent retry that attaches to a request
 already running or done (maybe on another replica): it reads the owner's reply
 partition from the time the request was published, so the retry gets the whole
@@ -13,16 +22,20 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import start_partition_reader
+from sluice.kafka import start_partition_reader, started, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
+from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
 
 log = get_logger()
 Replies = asyncio.Queue[events_pb2.ReplyEvent]
+# Writers whose replies are transactional; the read-committed reader delivers only theirs.
+TRANSACTIONAL_WRITERS = frozenset({"metering"})
 # Replies that come before a request's first chunk (or instead of chunks): seeing one
 # first means the replay starts at the beginning of the answer.
 WHOLE_FROM = ("pseudonyms", "restarted", "finished", "failed")
@@ -54,25 +67,57 @@ class ReplyRouter:
 
     async def run(self) -> None:
         tp = TopicPartition(TOKENS, self.partition)
-        consumer = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
+        committed = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
+        try:
+            live = await with_backoff("replies (uncommitted)", "gateway", lambda: self._live_reader(tp))
+        except BaseException:
+            await committed.stop()
+            raise
         self.ready.set()
         log.info("reading replies", topic=TOKENS, partition=self.partition)
         try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=500)
-                for records in batches.values():
-                    for record in records:
-                        self._dispatch(record.value)
+            await asyncio.gather(self._follow(committed, transactional=True), self._follow(live, False))
         finally:
-            await consumer.stop()
+            await committed.stop()
+            await live.stop()
 
-    def _dispatch(self, value: bytes | None) -> None:
+    async def _live_reader(self, tp: TopicPartition) -> AIOKafkaConsumer:
+        consumer = await started(
+            AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                **client_options(),
+                client_id="sluice-gateway-replies-live",
+                enable_auto_commit=False,
+                isolation_level="read_uncommitted",
+                fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a reply arrives
+            )
+        )
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_end(tp)
+            await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def _follow(self, consumer: AIOKafkaConsumer, transactional: bool) -> None:
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            for records in batches.values():
+                for record in records:
+                    self._dispatch(record.value, transactional)
+
+    def _dispatch(self, value: bytes | None, transactional: bool) -> None:
         event = events_pb2.ReplyEvent()
         try:
             event.ParseFromString(value or b"")
         except DecodeError:
-            log.warning("undecodable reply dropped", partition=self.partition)
+            if not transactional:  # both readers see it; one warning is enough
+                log.warning("undecodable reply dropped", partition=self.partition)
             return
+        if (event.envelope.producer in TRANSACTIONAL_WRITERS) != transactional:
+            return  # the other reader delivers it
         for queue in self._waiting.get(event.envelope.request_id, ()):
             queue.put_nowait(event)
 
