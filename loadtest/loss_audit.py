@@ -182,13 +182,7 @@ async def _ledger(
     """Completions and charges of `wanted` per (request_id, attempt), read committed."""
     completions: Counter[Key] = Counter()
     charges: Counter[Key] = Counter()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        **client_options(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="sluice-loss-audit",
-    )
+    consumer = committed_reader(settings, "sluice-loss-audit")
     await consumer.start()
     try:
         await assign_from(consumer, (COMPLETIONS, USAGE), since_ms)
@@ -267,13 +261,7 @@ async def audit_backlog(settings: Settings, deadline: float, group: str = AUDIT_
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap, client_id="sluice-loss-audit-lag", **client_options(settings)
     )
-    probe = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        **client_options(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="sluice-loss-audit-lag",
-    )
+    probe = committed_reader(settings, "sluice-loss-audit-lag")
     await admin.start()
     try:
         await probe.start()
@@ -413,6 +401,18 @@ def _leaks(record: ConsumerRecord[bytes, bytes], needles: Iterable[tuple[int, by
 
 
 # --- shared consumer helpers ----------------------------------------------------------
+
+
+def committed_reader(settings: Settings, client_id: str, **options: Any) -> AIOKafkaConsumer:
+    """A group-less, read-committed consumer (not started): what Sluice's own consumers see."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        **client_options(settings),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id=client_id,
+        **options,
+    )
 
 
 async def assign_from(consumer: AIOKafkaConsumer, topics: Iterable[str], since_ms: int) -> None:

@@ -21,13 +21,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import ConsumerRecord
 
 from loadtest.loadgen.records import RunResult
-from loadtest.loss_audit import assign_from, content_type, reached
+from loadtest.loss_audit import assign_from, committed_reader, content_type, reached
 from loadtest.report import percentiles
 from sluice.config import Settings
-from sluice.kafka_security import client_options
 from sluice.lag import LagReader
 from sluice.topics import (
     AUDIT,
@@ -152,14 +151,7 @@ def _slowest(hops: dict[str, dict[str, Any]]) -> str | None:
 
 async def _read(settings: Settings, marks: _Marks, since_ms: int) -> None:
     codec = Codec(load_plan(settings.topics_file))
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        **client_options(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="sluice-loadtest-stages",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
+    consumer = committed_reader(settings, "sluice-loadtest-stages", max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
     try:
         await assign_from(consumer, TOPICS, since_ms)
