@@ -1,8 +1,9 @@
 """Exactly-once charging under failure: kill -9 of the metering process, and a broker restart.
 
-Each test runs on a broker of its own (in a temp dir), so killing things cannot
-disturb the session stack. Completions with known usage go in; the committed
-ledger must hold exactly one charge per (request_id, attempt) and the exact total.
+The tests share a broker of their own (in a temp dir), so killing things cannot
+disturb the session stack; each uses its own tenant. Completions with known usage
+go in; the committed ledger must hold exactly one charge per (request_id, attempt)
+and the exact total, and the budgets must count every charge exactly once.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, Settings, load_settings
 from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
-from sluice.v1 import events_pb2
+from sluice.v1 import billing_pb2, events_pb2
 from tests.metering.helpers import (
+    budget_state,
     charges,
+    committed,
     kill_hard,
     metric,
     produce,
+    set_budget,
     start_metering,
     varied_completions,
     wait_until,
 )
 
-COUNT = 3000
+COUNT = 1500  # 60 transactions of 25: the kill lands with many still to come
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +75,21 @@ def expected_total(events: list[events_pb2.CompletionFinished], settings: Settin
     )
 
 
-def assert_exact_ledger(stack: Stack, tenant: str, events: list[events_pb2.CompletionFinished]) -> None:
+def produce_completions(stack: Stack, events: list[events_pb2.CompletionFinished]) -> int:
+    """Produce `events`; returns the pricer's committed count they will take it to."""
+    bootstrap = stack.settings.bootstrap
+    before = asyncio.run(committed(bootstrap))
+    asyncio.run(produce(bootstrap, events))
+    return before + len(events)
+
+
+def assert_exact_ledger(
+    stack: Stack, tenant: str, events: list[events_pb2.CompletionFinished], done_at: int
+) -> None:
     bootstrap = stack.settings.bootstrap
     wanted = {(e.envelope.request_id, e.envelope.attempt) for e in events}
-
-    def all_charged() -> bool:
-        return len(asyncio.run(charges(bootstrap, tenant))) >= len(wanted)
-
-    wait_until(all_charged, timeout=180, what=f"{len(wanted)} charges")
+    # The offsets commit with the charges: once they reach `done_at`, every charge is in.
+    wait_until(lambda: asyncio.run(committed(bootstrap)) >= done_at, 180, f"{len(wanted)} charges")
     ledger = asyncio.run(charges(bootstrap, tenant))
     duplicates = {pair: len(found) for pair, found in ledger.items() if len(found) > 1}
     assert duplicates == {}
@@ -95,15 +106,18 @@ def charged_so_far(stack: Stack) -> float:
 def test_kill_9_mid_transaction_neither_loses_nor_doubles_a_charge(private_stack: Stack) -> None:
     tenant = "crash-kill"
     events = varied_completions(tenant, COUNT)
-    asyncio.run(produce(private_stack.settings.bootstrap, events))
+    done_at = produce_completions(private_stack, events)
     metering = start_metering(private_stack)
     try:
         wait_until(lambda: charged_so_far(private_stack) >= 200, timeout=120, what="pricing to be under way")
         kill_hard(metering)
-        committed = len(asyncio.run(charges(private_stack.settings.bootstrap, tenant)))
-        assert committed < COUNT, "the process finished before it was killed: nothing was tested"
+        # The group's offsets, not the ledger: a read-committed read would wait for the killed
+        # process's open transaction to time out (60 s) before it could end.
+        assert asyncio.run(committed(private_stack.settings.bootstrap)) < done_at, (
+            "the process finished before it was killed: nothing was tested"
+        )
         metering = start_metering(private_stack)
-        assert_exact_ledger(private_stack, tenant, events)
+        assert_exact_ledger(private_stack, tenant, events, done_at)
     finally:
         kill_hard(metering)
 
@@ -113,7 +127,7 @@ def test_broker_restart_mid_stream_neither_loses_nor_doubles_a_charge(
 ) -> None:
     tenant = "crash-broker"
     events = varied_completions(tenant, COUNT)
-    asyncio.run(produce(private_stack.settings.bootstrap, events))
+    done_at = produce_completions(private_stack, events)
     metering = start_metering(private_stack)
     try:
         wait_until(lambda: charged_so_far(private_stack) >= 200, timeout=120, what="pricing to be under way")
@@ -122,9 +136,66 @@ def test_broker_restart_mid_stream_neither_loses_nor_doubles_a_charge(
         private_broker.wait_ready(timeout=120)
         if metering.poll() is not None:  # a supervisor would restart it; so do we
             metering = start_metering(private_stack)
-        assert_exact_ledger(private_stack, tenant, events)
+        assert_exact_ledger(private_stack, tenant, events, done_at)
     finally:
         kill_hard(metering)
+
+
+BUDGET_TENANT = "crash-budget"
+BUDGET = billing_pb2.Budget(
+    tenant=BUDGET_TENANT,
+    period=billing_pb2.BUDGET_PERIOD_MONTH,
+    currency="USD",
+    limit_tokens=10**15,  # never reached: this test is about the count, not the block
+    mode=billing_pb2.BUDGET_MODE_HARD,
+)
+# Budgets count at the pricer's pace: with 3-record transactions, a few hundred of them
+# are under way when the kill lands, which is what a doubled or lost poll needs to show.
+BUDGET_COUNT = 1000
+
+
+def budget_now(stack: Stack) -> events_pb2.BudgetState | None:
+    return asyncio.run(budget_state(stack.settings.bootstrap, BUDGET))
+
+
+def counted(stack: Stack) -> int:
+    state = budget_now(stack)
+    return state.window.requests if state is not None else 0
+
+
+def test_kill_9_mid_batch_neither_loses_nor_doubles_a_charge_in_a_budget(private_stack: Stack) -> None:
+    """The pricer sends each poll's budget sums in the transaction of the poll's charges, and
+    the budget stream counts them in transactions with its table writes; after a kill -9 both
+    must re-read exactly what never committed. A replay happens first thing after the restart,
+    so the first budget state that has seen every charge must equal the ledger exactly: a
+    doubled poll would already be in it."""
+    bootstrap = private_stack.settings.bootstrap
+    asyncio.run(set_budget(bootstrap, BUDGET))
+    # Small transactions, and the charges only once the budget is known (its state is
+    # published from then on): the kill must land mid-run.
+    slow = {"SLUICE_METERING_TRANSACTION_RECORDS": "3"}
+    metering = start_metering(private_stack, slow)
+    try:
+        wait_until(lambda: budget_now(private_stack) is not None, timeout=180, what="the budget to be set")
+        done_at = produce_completions(private_stack, varied_completions(BUDGET_TENANT, BUDGET_COUNT))
+        wait_until(lambda: counted(private_stack) > 0, timeout=180, what="budgets to be counting")
+        kill_hard(metering)
+        # Pricing was still under way (so were the budgets, which only count what it committed).
+        assert asyncio.run(committed(bootstrap)) < done_at, "pricing was done before the kill: nothing tested"
+        metering = start_metering(private_stack, slow)
+        wait_until(lambda: asyncio.run(committed(bootstrap)) >= done_at, 300, "every charge")
+        wait_until(lambda: counted(private_stack) >= BUDGET_COUNT, 300, "budgets to count every charge")
+    finally:
+        kill_hard(metering)
+    ledger = asyncio.run(charges(bootstrap, BUDGET_TENANT))
+    assert len(ledger) == BUDGET_COUNT
+    assert [key for key, found in ledger.items() if len(found) != 1] == []
+    state = budget_now(private_stack)
+    assert state is not None
+    assert state.window.requests == BUDGET_COUNT
+    assert state.window.spent_nanos == sum(found[0].cost.nanos for found in ledger.values())
+    usage = [found[0].usage for found in ledger.values()]
+    assert state.window.tokens == sum(u.prompt_tokens + u.completion_tokens for u in usage)
 
 
 def test_log_of_the_killed_process_is_kept(private_stack: Stack) -> None:
