@@ -8,7 +8,6 @@ fail closed. Nothing in this module logs or embeds request text in errors.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import os
 import re
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import spacy
 import tldextract
@@ -41,6 +39,7 @@ from presidio_analyzer.predefined_recognizers import (
 )
 from spacy.tokens import Doc
 from thinc.api import use_ops
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "DEFAULT_ENTITIES",
@@ -390,15 +389,8 @@ class _ContextEnhancer(LemmaContextAwareEnhancer):
         raise ValueError("no token at a finding's offset")  # never the word itself: it is PII
 
 
-_BLAS_THREAD_SETTERS = (
-    "scipy_openblas_set_num_threads64_",  # numpy 2's bundled OpenBLAS
-    "openblas_set_num_threads64_",  # numpy 1's
-    "openblas_set_num_threads",  # a system OpenBLAS
-)
-
-
 def _one_blas_thread() -> None:
-    """One OpenBLAS thread for spaCy's matrix products, unless OPENBLAS_NUM_THREADS says otherwise.
+    """One BLAS thread for spaCy's matrix products, unless OPENBLAS_NUM_THREADS says otherwise.
 
     The NER model's products are small, and OpenBLAS's extra threads spin while
     they wait for them: on a busy machine (the inference worker shares its cores
@@ -407,17 +399,8 @@ def _one_blas_thread() -> None:
     14 -> 4.7 ms in batches of 32). Analysis scales with processes instead. The
     library read the variable when numpy loaded it, so this sets what is loaded.
     """
-    if "OPENBLAS_NUM_THREADS" in os.environ:
-        return
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:  # not Linux: nothing to do
-        return
-    for path in sorted(set(re.findall(r"/\S*openblas\S*\.so[.\d]*$", maps, re.MULTILINE))):
-        library = ctypes.CDLL(path)
-        setter = next((getattr(library, n) for n in _BLAS_THREAD_SETTERS if hasattr(library, n)), None)
-        if setter is not None:
-            setter(1)
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        threadpool_limits(limits=1, user_api="blas")  # called, not `with`: it stays set
 
 
 def _load_nlp_engine() -> _LowercaseLemmaEngine:
