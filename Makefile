@@ -96,6 +96,12 @@ bench-feedback: $(STAMP) kafka-jars
 	$(PY) -m loadtest.bench_feedback
 BENCHES += bench-feedback
 
+# Output redaction in the inference worker: CPU per 1,000 tokens and latency added, open-loop streams.
+.PHONY: bench-output-redaction
+bench-output-redaction: $(STAMP)
+	$(PY) -m loadtest.bench_output_redaction --rps 5,20,50 --duration 20
+BENCHES += bench-output-redaction
+
 # API keys: lookup cost per authenticated call; revocation to effect on a live follower.
 .PHONY: bench-keys
 bench-keys: $(STAMP) kafka-jars

@@ -178,7 +178,7 @@ async def start_partition_reader(
             client_id=client_id,
             enable_auto_commit=False,
             isolation_level="read_committed",
-            fetch_max_wait_ms=10,
+            fetch_max_wait_ms=500,  # a long poll: the broker answers as soon as a record arrives
         )
         try:
             await consumer.start()

@@ -240,12 +240,14 @@ class PoolWorker:
             await writer.close()
             await gate
         except asyncio.CancelledError:  # the consumer hands this prompt back (drain, rebalance)
+            writer.abandon()
             await self._hand_back(attempt, engine, stream, progress)
             raise
         except RequestFailed as exc:  # output redaction could not be guaranteed: fail closed
             await _stop(engine, stream, attempt.request_id)
             return self._failed(attempt, progress, exc.code, str(exc))
         except Exception as exc:
+            writer.abandon()
             log.exception("engine failed mid-stream", request_id=attempt.request_id)
             await _stop(engine, stream, attempt.request_id)
             metrics.FAILED.labels(self.pool).inc()
