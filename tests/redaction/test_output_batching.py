@@ -26,23 +26,7 @@ from services.redaction.boundary import (
 from services.redaction.streaming import StreamRedactor, _context_tail
 from sluice.config import Settings
 from sluice.kafka import RequestFailed
-
-PEOPLE = [
-    ("Jane Roe", "jane.roe@example.org"),
-    ("Maria Garcia", "maria.garcia@example.net"),
-    ("Tom Becker", "t.becker@example.com"),
-    ("Ana Silva", "ana.silva@example.org"),
-    ("Lukas Meyer", "lukas.meyer@example.de"),
-    ("Emma Wilson", "emma.w@example.co.uk"),
-]
-
-
-def answer(name: str, email: str) -> str:
-    return f"Sure! I spoke with {name} yesterday; write to {email} or call +44 20 7946 0958, thanks."
-
-
-def pieces(text: str, size: int) -> list[str]:
-    return [text[i : i + size] for i in range(0, len(text), size)]
+from tests.redaction.planted_answers import PEOPLE, answer, pieces
 
 
 class CountingFindMany:

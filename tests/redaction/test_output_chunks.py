@@ -23,23 +23,12 @@ from sluice.config import Settings
 from sluice.kafka import RequestFailed, start_producer
 from sluice.topics import TOKENS
 from sluice.v1 import envelope_pb2, events_pb2
+from tests.redaction.planted_answers import PEOPLE as ALL_PEOPLE
+from tests.redaction.planted_answers import answer, pieces
 
 PARTITION = 0
 REPLY_TO = envelope_pb2.ReplyTo(topic=TOKENS, partition=PARTITION)
-PEOPLE = [
-    ("Jane Roe", "jane.roe@example.org"),
-    ("Maria Garcia", "maria.garcia@example.net"),
-    ("Tom Becker", "t.becker@example.com"),
-    ("Ana Silva", "ana.silva@example.org"),
-]
-
-
-def answer(name: str, email: str) -> str:
-    return f"Sure! I spoke with {name} yesterday; write to {email} or call +44 20 7946 0958, thanks."
-
-
-def tokens_of(text: str, size: int) -> list[str]:
-    return [text[i : i + size] for i in range(0, len(text), size)]
+PEOPLE = ALL_PEOPLE[:4]
 
 
 @pytest.fixture
@@ -113,7 +102,7 @@ async def test_concurrent_generations_keep_order_and_counts_share_batches_and_le
 ) -> None:
     writers = [writer_for(producer, fresh) for _ in PEOPLE]
     streams = [
-        tokens_of(answer(name, email), size) for (name, email), size in zip(PEOPLE, [1, 2, 3, 2], strict=True)
+        pieces(answer(name, email), size) for (name, email), size in zip(PEOPLE, [1, 2, 3, 2], strict=True)
     ]
     await asyncio.gather(*(generate(w, t) for w, t in zip(writers, streams, strict=True)))
 
@@ -138,7 +127,7 @@ async def test_the_token_loop_runs_on_during_a_flush_until_the_held_text_is_over
     gate: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     writer = writer_for(producer, fresh, gate, max_held_chars=40)
     text = "the quick brown fox jumps over the lazy dog and then runs far away into the woods. "
-    tokens = tokens_of(text, 4)
+    tokens = pieces(text, 4)
     await writer.add(tokens[0], 1)  # starts the first flush, which will wait for the gate
     held = 0
     for n, token in enumerate(tokens[1:], start=2):  # noqa: B007 (n: where the rest starts)
@@ -175,7 +164,7 @@ async def test_a_failed_analysis_fails_the_generation_closed_and_sends_nothing_u
     monkeypatch.setattr(loaded_redactor, "find_many", failing)
     writer = writer_for(producer, fresh)
     with pytest.raises(RequestFailed) as failed:
-        await generate(writer, tokens_of(answer("Jane Roe", "jane.roe@example.org"), 3))
+        await generate(writer, pieces(answer("Jane Roe", "jane.roe@example.org"), 3))
     assert failed.value.code == "UNAVAILABLE"
     assert str(failed.value) == "output redaction: PII analysis failed: RuntimeError"
     # Only token counts went out before the failure (the first tokens hold no complete word): no text.
@@ -191,7 +180,7 @@ async def test_no_chunk_leaves_after_the_generation_is_handed_back(
     engine_waits = asyncio.Event()
 
     async def generation() -> None:
-        for token in tokens_of("plain words that are safe to release ", 3):
+        for token in pieces("plain words that are safe to release ", 3):
             await writer.add(token, 1)
             await asyncio.sleep(0)
         await engine_waits.wait()  # cancelled here, as a drain or rebalance does
