@@ -163,12 +163,19 @@ async def started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
 
 
 async def start_partition_reader(
-    bootstrap: str, service: str, client_id: str, tp: TopicPartition, offset: int | None = None
+    bootstrap: str,
+    service: str,
+    client_id: str,
+    tp: TopicPartition,
+    offset: int | None = None,
+    isolation_level: str = "read_committed",
 ) -> AIOKafkaConsumer:
-    """A group-less, read-committed reader of one partition, from `offset` or else the end.
+    """A group-less reader of one partition, from `offset` or else the end.
 
     For readers that own their position (a gateway's reply partition, the audit
     indexer), so group rebalances and committed offsets would only get in the way.
+    Read committed unless a caller filters what it trusts itself (the gateway's
+    reply router takes only non-transactional writers' replies uncommitted).
     """
 
     async def start() -> AIOKafkaConsumer:
@@ -177,7 +184,7 @@ async def start_partition_reader(
             **client_options(),
             client_id=client_id,
             enable_auto_commit=False,
-            isolation_level="read_committed",
+            isolation_level=isolation_level,
             fetch_max_wait_ms=500,  # a long poll: the broker answers as soon as a record arrives
         )
         try:

@@ -25,9 +25,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import start_partition_reader, started, with_backoff
-from sluice.kafka_inflight import IDLE_POLL_MS
-from sluice.kafka_security import client_options
+from sluice.kafka import start_partition_reader
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
@@ -69,7 +67,13 @@ class ReplyRouter:
         tp = TopicPartition(TOKENS, self.partition)
         committed = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
         try:
-            live = await with_backoff("replies (uncommitted)", "gateway", lambda: self._live_reader(tp))
+            live = await start_partition_reader(
+                self.bootstrap,
+                "gateway",
+                "sluice-gateway-replies-live",
+                tp,
+                isolation_level="read_uncommitted",
+            )
         except BaseException:
             await committed.stop()
             raise
@@ -80,26 +84,6 @@ class ReplyRouter:
         finally:
             await committed.stop()
             await live.stop()
-
-    async def _live_reader(self, tp: TopicPartition) -> AIOKafkaConsumer:
-        consumer = await started(
-            AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                **client_options(),
-                client_id="sluice-gateway-replies-live",
-                enable_auto_commit=False,
-                isolation_level="read_uncommitted",
-                fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a reply arrives
-            )
-        )
-        try:
-            consumer.assign([tp])
-            await consumer.seek_to_end(tp)
-            await consumer.position(tp)
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
 
     async def _follow(self, consumer: AIOKafkaConsumer, transactional: bool) -> None:
         while True:
