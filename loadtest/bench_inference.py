@@ -59,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.process_cpu import cpu_seconds
 from services.inference.engine import Sampling
 from services.inference.engines import build_engine
 from services.inference.llamacpp_engine import default_n_threads
@@ -83,15 +84,7 @@ from tests.metering.helpers import kill_hard, wait_until
 
 PROMPT = "Count from 1 to 500, separated by commas."
 REPLY_PARTITION = 0
-_TICK = os.sysconf("SC_CLK_TCK")
 IDLE_S = 5.0
-
-
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User + system CPU of a process (all its threads), or of one of its threads, from /proc."""
-    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from loadtest.process_cpu import cpu_seconds
 from services.gateway.budgets import BudgetGuard
 from sluice.broker import LocalBroker
 from sluice.config import REPO_ROOT, load_settings
@@ -52,12 +53,6 @@ from tests.metering.helpers import (
     varied_completions,
     wait_until,
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class WatchedGuard(BudgetGuard):
