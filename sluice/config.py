@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(default=None, ge=1)
     token_flush_tokens: int = Field(default=8, ge=1)
     token_flush_ms: int = Field(default=5, ge=0)
+    # The time bound while every slot is busy (prompts wait): fewer records per token
+    # when the engine, not the stream's smoothness, is what waiting callers need.
+    token_flush_busy_ms: int = Field(default=250, ge=0)
     # Inference worker loop (issue 5): model pools this worker serves (names or aliases;
     # empty = every catalog model); its id in completions (unset = host:pid); how long
     # SIGTERM or a rebalance waits for running generations before handing them back;

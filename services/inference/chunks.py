@@ -6,12 +6,18 @@ and tokens that arrive meanwhile join the next chunk. The chunk size therefore
 grows with load by itself (one token per chunk when redaction is quick, many
 when analyses queue behind other streams' in the shared batch), and an idle
 stream still releases each token as it comes.
+
+While every slot of the worker is busy (prompts are waiting in Kafka), the
+time bound widens to `busy_delay_s`: the engine is then the bottleneck, and on a
+machine where it shares the CPU every record's produce, store and fetch is taken
+from the generation the waiting prompts need (docs/inference.md, bench-inference).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
@@ -37,8 +43,9 @@ class ChunkWriter:
     sees any of its tokens, or a crash could not be told apart from a duplicate.
 
     add() starts a flush when `max_tokens` tokens or `max_delay_s` have gathered
-    (checked as tokens arrive; the first token goes at once) and returns without
-    waiting for it; only one flush runs at a time, so chunks keep their order.
+    (only `busy_delay_s` while `busy()` says the worker is full; checked as
+    tokens arrive; the first token goes at once) and returns without waiting
+    for it; only one flush runs at a time, so chunks keep their order.
     A flush's failure (output redaction fails closed: RequestFailed) is raised
     by the next add() or by close().
     """
@@ -51,6 +58,8 @@ class ChunkWriter:
     # Output redaction: model text reaches sluice.tokens.v1 only through this.
     redactor: StreamRedactor | None = None
     gate: asyncio.Future[object] | None = None
+    busy: Callable[[], bool] | None = None
+    busy_delay_s: float = 0.0
     max_held_chars: int = MAX_HELD_CHARS
     seq: int = 0
     _text: list[str] = field(default_factory=list)
@@ -73,7 +82,7 @@ class ChunkWriter:
             if self._chars > self.max_held_chars:
                 await self._settle()  # back-pressure, only when far behind; that flush took this text too
             return
-        if self._tokens >= self.max_tokens or time.monotonic() - self._since >= self.max_delay_s:
+        if self._due():
             self._flusher = asyncio.create_task(self._drain(), name=f"chunks-{self.envelope.request_id}")
             self._flusher.add_done_callback(_observed)
 
@@ -93,6 +102,14 @@ class ChunkWriter:
         """The generation stops without finishing (hand-back, failure): stop any flush in progress."""
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
+
+    def _due(self) -> bool:
+        if self._flusher is None:
+            return True  # the first token
+        waited = time.monotonic() - self._since
+        if self.busy is not None and self.busy():
+            return waited >= self.busy_delay_s  # only time: the count bound is for idle fast engines
+        return self._tokens >= self.max_tokens or waited >= self.max_delay_s
 
     def _flushing(self) -> bool:
         return self._flusher is not None and not self._flusher.done()

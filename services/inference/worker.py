@@ -92,6 +92,10 @@ class PoolWorker:
     def capacity(self) -> int:
         return self.engine.capacity
 
+    def full(self) -> bool:
+        """Every slot is generating: the consumer has stopped fetching and prompts wait in Kafka."""
+        return len(self._running) >= self.capacity()
+
     async def handle(self, event: Message, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
         assert isinstance(event, events_pb2.PromptAssembled)
         catalog = self.settings.catalog
@@ -225,6 +229,8 @@ class PoolWorker:
             self.settings.token_flush_ms / 1000,
             redactor=stream_redactor_for(self.output_boundary, event.envelope.tenant, self.settings),
             gate=gate,
+            busy=self.full,
+            busy_delay_s=self.settings.token_flush_busy_ms / 1000,
         )
         progress = Progress()
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from services.inference.chunks import ChunkWriter
 from services.redaction.analyzer import Job, RedactionError, Redactor
@@ -22,9 +22,10 @@ from services.redaction.boundary import Boundary, boundary_from_settings, output
 from sluice.config import Settings
 from sluice.kafka import RequestFailed, start_producer
 from sluice.topics import TOKENS
-from sluice.v1 import envelope_pb2, events_pb2
+from sluice.v1 import envelope_pb2
 from tests.redaction.planted_answers import PEOPLE as ALL_PEOPLE
 from tests.redaction.planted_answers import answer, pieces
+from tests.token_chunks import chunks_of
 
 PARTITION = 0
 REPLY_TO = envelope_pb2.ReplyTo(topic=TOKENS, partition=PARTITION)
@@ -57,27 +58,6 @@ def batches(loaded_redactor: Redactor, monkeypatch: pytest.MonkeyPatch) -> list[
 
     monkeypatch.setattr(loaded_redactor, "find_many", counting)
     return sizes
-
-
-async def chunks_of(bootstrap: str, request_ids: set[str]) -> dict[str, list[events_pb2.TokenChunk]]:
-    """Every chunk the writers sent for `request_ids`, in partition order (all are acknowledged)."""
-    tp = TopicPartition(TOKENS, PARTITION)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        found: dict[str, list[events_pb2.TokenChunk]] = {r: [] for r in request_ids}
-        while await consumer.position(tp) < end:
-            for records in (await consumer.getmany(tp, timeout_ms=500)).values():
-                for record in records:
-                    reply = events_pb2.ReplyEvent.FromString(record.value or b"")
-                    if reply.envelope.request_id in request_ids:
-                        found[reply.envelope.request_id].append(reply.chunk)
-        return found
-    finally:
-        await consumer.stop()
 
 
 def writer_for(
