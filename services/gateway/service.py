@@ -74,6 +74,7 @@ class Call:
     tokens: int = 0
     reason: str = ""
     attached: bool = False  # streams a request another call published (idempotent retry)
+    cancel_sent: bool = False
 
 
 def total_cost(costs: Iterable[envelope_pb2.Cost]) -> envelope_pb2.Cost | None:
@@ -192,6 +193,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             assert self.signing is not None
             written = await send_signed(runtime.producer, "gateway", requested, caller.key_id, self.signing)
             call.published = True
+            # A client that goes away while this generator waits at a `yield` (gRPC is
+            # writing) does not interrupt it: its `finally` would run only when the
+            # generator is collected. The RPC's end is the reliable signal.
+            loop = asyncio.get_running_loop()
+
+            def ended(_: Context) -> None:
+                loop.call_soon_threadsafe(self._cancel_unfinished, runtime, call)
+
+            # grpc-stubs declares DoneCallback a class rather than a Protocol.
+            context.add_done_callback(ended)  # type: ignore[arg-type]
             self._attempts.pop(request_id, None)
             log.info("request published", model=valid.model, messages=len(request.messages))
             winner = None
@@ -217,8 +228,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._streams -= 1
             self.replies.unregister(request_id, queue)
             structlog.contextvars.unbind_contextvars("request_id", "tenant")
-            if call.published and not call.ended:
-                self._cancel(runtime, call)
+            self._cancel_unfinished(runtime, call)
         if self.budgets and call.tokens:
             self.budgets.record_tokens(caller.key_id, call.tokens, datetime.now(UTC))
         if request.idempotency_key:
@@ -316,6 +326,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 queue.put_nowait(_cancelled_event(request_id, attempt))
                 return
             await asyncio.sleep(CANCEL_POLL_S)
+
+    def _cancel_unfinished(self, runtime: Runtime, call: Call) -> None:
+        """Cancel downstream once, if the call published a request the pipeline has not ended."""
+        if call.published and not call.ended and not call.cancel_sent:
+            call.cancel_sent = True
+            self._cancel(runtime, call)
 
     def _cancel(self, runtime: Runtime, call: Call) -> None:
         """Tell every stage the caller went away (sluice.control.v1), without blocking the unwind."""
