@@ -23,8 +23,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import started, with_backoff
-from sluice.kafka_inflight import IDLE_POLL_MS
+from sluice.kafka import BATCHED_FETCH_MIN_BYTES, started, with_backoff
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
@@ -35,6 +34,8 @@ log = get_logger()
 CAPACITY = 20_000
 # Longest a completion waits for the collector to reach its reply partition's end.
 CATCH_UP_S = 30.0
+# How long the broker may gather records for the audit's readers before answering.
+AUDIT_FETCH_WAIT_MS = 100
 
 Attempt = tuple[str, int]
 
@@ -144,8 +145,9 @@ class OutputCollector:
             client_id="sluice-audit-outputs",
             enable_auto_commit=False,
             isolation_level="read_committed",
-            # A long poll: the broker answers as soon as a chunk arrives, so waiting costs
-            # no latency, while 10 ms polls of four partitions cost CPU in broker and service.
-            fetch_max_wait_ms=IDLE_POLL_MS,
+            # Chunks come a few ms apart: gather them for up to AUDIT_FETCH_WAIT_MS instead
+            # of a fetch per chunk. `take` then waits at most that long for a reply partition.
+            fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
+            fetch_max_wait_ms=AUDIT_FETCH_WAIT_MS,
         )
         return await started(consumer)

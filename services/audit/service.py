@@ -36,7 +36,7 @@ from services.audit.filters import (
     user_filter,
 )
 from services.audit.keys import KeyRing, key_topic_key, load_master_key, subject_of
-from services.audit.outputs import OutputCollector
+from services.audit.outputs import AUDIT_FETCH_WAIT_MS, OutputCollector
 from services.audit.policy import Policies
 from services.audit.records import STAGES, audit_record, checkpoint_record
 from services.audit.store import AuditStore, Incomplete, Row, is_dsn
@@ -44,7 +44,14 @@ from services.audit.topic_reader import AUDIT_PARTITION, read_audit_topic
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.identity import pseudonymous_user
-from sluice.kafka import EventConsumer, Output, send, start_partition_reader, start_producer
+from sluice.kafka import (
+    BATCHED_FETCH_MIN_BYTES,
+    EventConsumer,
+    Output,
+    send,
+    start_partition_reader,
+    start_producer,
+)
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import AUDIT, AUDIT_ALERTS, AUDIT_KEYS, COMPLIANCE, TOKENS, load_plan
@@ -505,7 +512,17 @@ class AuditService(Service):
         # written), so per-record transactions held the writer to about ten records a second.
         # The chain is unchanged: records are sealed in poll order, and a failed poll's
         # transaction is retried with the same sealed records (EventConsumer._produce_batch).
-        return [runtime.consumer(sorted(STAGES), self.append, transactional=True, batch_transactions=True)]
+        return [
+            runtime.consumer(
+                sorted(STAGES),
+                self.append,
+                transactional=True,
+                batch_transactions=True,
+                # Off the caller's path: a fetch per 100 ms at most, not one per record.
+                fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
+                fetch_max_wait_ms=AUDIT_FETCH_WAIT_MS,
+            )
+        ]
 
     async def append(self, event: Message, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
         outputs: list[Output] = []

@@ -24,6 +24,7 @@ from services.gateway import keys
 from services.metering.reader import topic_partitions
 from sluice.config import Settings
 from sluice.kafka import started, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
@@ -116,7 +117,7 @@ class KeyStore:
                 **client_options(),
                 client_id="sluice-keys-reader",
                 enable_auto_commit=False,
-                fetch_max_wait_ms=100,
+                fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a record arrives
             )
         )
 

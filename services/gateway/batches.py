@@ -36,6 +36,7 @@ from services.gateway.validation import Invalid, validate
 from services.metering.reader import topic_partitions
 from sluice.config import Settings
 from sluice.kafka import Output, send, started, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
@@ -91,7 +92,7 @@ class BatchBook:
                 **client_options(),
                 client_id="sluice-gateway-batches-reader",
                 enable_auto_commit=False,
-                fetch_max_wait_ms=50,
+                fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a record arrives
             )
         )
         partitions = await topic_partitions(consumer, BATCHES)

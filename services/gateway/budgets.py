@@ -34,6 +34,7 @@ from services.gateway.auth import Principal
 from services.gateway.request_index import RequestIndex, minute_of
 from services.metering.reader import topic_partitions
 from sluice.kafka import with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.service import Context
@@ -84,7 +85,7 @@ class BudgetGuard:
             client_id="sluice-gateway-budgets",
             enable_auto_commit=False,
             isolation_level="read_committed",
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a record arrives
         )
         try:
             await consumer.start()

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from services.metering.reader import topic_partitions
 from sluice.kafka import started, with_backoff
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.v1 import feedback_pb2
@@ -49,7 +50,7 @@ class FeedbackView:
                 client_id="sluice-gateway-feedback-stats",
                 enable_auto_commit=False,
                 isolation_level="read_committed",
-                fetch_max_wait_ms=50,
+                fetch_max_wait_ms=IDLE_POLL_MS,  # a long poll: answered as soon as a record arrives
             )
         )
         try:

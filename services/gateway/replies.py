@@ -25,7 +25,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import start_partition_reader
+from sluice.kafka import BATCHED_FETCH_MIN_BYTES, start_partition_reader
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
@@ -37,6 +37,9 @@ TRANSACTIONAL_WRITERS = frozenset({"metering"})
 # Replies that come before a request's first chunk (or instead of chunks): seeing one
 # first means the replay starts at the beginning of the answer.
 WHOLE_FROM = ("pseudonyms", "restarted", "finished", "failed")
+# The committed reader (charges) fetches at most this often: a stream's end may wait
+# this long for its charge, and the reader does not fetch once per token chunk.
+CHARGE_FETCH_WAIT_MS = 20
 
 
 class ReplyRouter:
@@ -65,7 +68,14 @@ class ReplyRouter:
 
     async def run(self) -> None:
         tp = TopicPartition(TOKENS, self.partition)
-        committed = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
+        committed = await start_partition_reader(
+            self.bootstrap,
+            "gateway",
+            "sluice-gateway-replies",
+            tp,
+            fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
+            fetch_max_wait_ms=CHARGE_FETCH_WAIT_MS,
+        )
         try:
             live = await start_partition_reader(
                 self.bootstrap,
