@@ -17,6 +17,7 @@ from typing import Any
 
 from loadtest.loadgen import PromptMix, RunResult, Target, run_load
 from loadtest.loss_audit import audit_run
+from loadtest.service_cpu import CpuMeter, sluice_processes, summary_line
 from loadtest.sluice_under_test import SluiceUnderTest
 from loadtest.stage_latency import lag_peaks, stage_breakdown, summary_lines
 from loadtest.upstream import fetch_stats, reset_stats
@@ -85,15 +86,18 @@ async def measured_run(
 ) -> RunResult:
     """One load run with the upstream's /stats (and, for Sluice, the loss audit) in `extra`.
 
-    A Sluice run also gets the per-hop breakdown (loadtest/stage_latency.py) and the
-    peak lag of every consumer group, sampled every `lag_every_s` during the load.
+    A Sluice run also gets the per-hop breakdown (loadtest/stage_latency.py), the
+    peak lag of every consumer group, sampled every `lag_every_s` during the load,
+    and the CPU each process spent per request (loadtest/service_cpu.py).
     `redacting=False` (a stack whose policy does not redact the planted entities)
     leaves the PII scan out of the audit: raw PII downstream is then by design.
     """
     reset_stats(upstream_v1)
     since_ms = int(time.time() * 1000) - 1000
+    meter = CpuMeter(sluice_processes(sluice) if sluice else {})
     async with lag_peaks(sluice.settings.bootstrap if sluice else None, lag_every_s) as peaks:
         result = await run_load(target, rps=rps, duration_s=duration_s, mix=mix, seed=seed)
+    cpu = meter.per_request(result.sent)  # before the audit below, which waits and reads
     result.target = name
     stats = fetch_stats(upstream_v1)
     result.extra["upstream"] = stats
@@ -112,7 +116,9 @@ async def measured_run(
         stages = await stage_breakdown(sluice.settings, result, since_ms)
         result.extra["stages"] = stages
         result.extra["consumer_lag_peaks"] = peaks
-        print("\n".join(f"{name} @ {rps:g} rps: {line}" for line in summary_lines(stages, peaks)))
+        result.extra["cpu_ms_per_request"] = cpu
+        lines = [*summary_lines(stages, peaks), summary_line(cpu)]
+        print("\n".join(f"{name} @ {rps:g} rps: {line}" for line in lines))
     return result
 
 

@@ -57,6 +57,9 @@ def test_bench_overhead_runs_sluice_and_litellm_against_one_upstream(
         assert "upstream_verdict" in summary["extra"] and summary["generator"]["cpu_s"] > 0
     audit = report["targets"][bench_overhead.SLUICE_FULL]["extra"]["loss_audit"]
     assert audit["ok"] and audit["requests"] == report["targets"][bench_overhead.SLUICE_FULL]["sent"]
+    # Where the CPU went: every service and the (local) broker spent some per request.
+    cpu = report["targets"][bench_overhead.SLUICE_FULL]["extra"]["cpu_ms_per_request"]
+    assert set(cpu) == {*SERVICES, "kafka broker"} and all(ms > 0 for ms in cpu.values()), cpu
     assert set(report["added"]) == {bench_overhead.SLUICE_FULL, bench_overhead.LITELLM}
     assert all(Path(p).stat().st_size > 0 for p in report["plots"].values())
     table = (out / "overhead.md").read_text()
