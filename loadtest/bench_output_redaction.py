@@ -144,7 +144,6 @@ async def run(args: argparse.Namespace, rps: float, redaction: bool) -> dict[str
             settings.token_flush_tokens,
             settings.token_flush_ms / 1000,
             redactor=stream_redactor_for(boundary if redaction else None, "bench", settings),
-            redacted_delay_s=settings.output_redaction_flush_ms / 1000,
         )
         key = request_id.encode()
         secrets[key] = planted

@@ -177,8 +177,6 @@ class Settings(BaseSettings):
     output_redaction: bool = True
     # Most characters the output redactor may hold back while an entity could continue.
     output_redaction_holdback_chars: int = Field(default=64, ge=8)
-    # A redacted stream's chunk time bound once its first text is out (a chunk costs an NER pass).
-    output_redaction_flush_ms: int = Field(default=50, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
 
     # Audit area. A checkpoint record restates the chain head after this many records.

@@ -7,12 +7,6 @@ grows with load by itself (one token per chunk when redaction is quick, many
 when analyses queue behind other streams' in the shared batch), and an idle
 stream still releases each token as it comes.
 
-A redacted stream pays an analysis (spaCy NER over the held text and its
-context) for every chunk, so once its first text is out its chunks gather for
-`redacted_delay_s` (still closed early by `max_tokens`): at ~10 ms between
-tokens that is about one analysis and one record per five tokens instead of
-one per token, and the caller's first token is not held back by it.
-
 While every slot of the worker is busy (prompts are waiting in Kafka), the
 time bound widens to `busy_delay_s`: the engine is then the bottleneck, and on a
 machine where it shares the CPU every record's produce, store and fetch is taken
@@ -49,9 +43,8 @@ class ChunkWriter:
     sees any of its tokens, or a crash could not be told apart from a duplicate.
 
     add() starts a flush when `max_tokens` tokens or `max_delay_s` have gathered
-    (`redacted_delay_s` for a redacted stream that has shown text; only
-    `busy_delay_s` while `busy()` says the worker is full; checked as tokens
-    arrive; the first token goes at once) and returns without waiting
+    (only `busy_delay_s` while `busy()` says the worker is full; checked as
+    tokens arrive; the first token goes at once) and returns without waiting
     for it; only one flush runs at a time, so chunks keep their order.
     A flush's failure (output redaction fails closed: RequestFailed) is raised
     by the next add() or by close().
@@ -67,7 +60,6 @@ class ChunkWriter:
     gate: asyncio.Future[object] | None = None
     busy: Callable[[], bool] | None = None
     busy_delay_s: float = 0.0
-    redacted_delay_s: float = 0.0
     max_held_chars: int = MAX_HELD_CHARS
     seq: int = 0
     _text: list[str] = field(default_factory=list)
@@ -76,7 +68,6 @@ class ChunkWriter:
     _since: float = field(default_factory=time.monotonic)
     _pending: list[asyncio.Future[object]] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
-    _shown: bool = False  # some text has left (not only token counts)
     # The generation's task: once it is cancelled (hand-back), no chunk may leave.
     _owner: asyncio.Task[object] | None = None
 
@@ -118,8 +109,7 @@ class ChunkWriter:
         waited = time.monotonic() - self._since
         if self.busy is not None and self.busy():
             return waited >= self.busy_delay_s  # only time: the count bound is for idle fast engines
-        delay = max(self.max_delay_s, self.redacted_delay_s) if self._shown else self.max_delay_s
-        return self._tokens >= self.max_tokens or waited >= delay
+        return self._tokens >= self.max_tokens or waited >= self.max_delay_s
 
     def _flushing(self) -> bool:
         return self._flusher is not None and not self._flusher.done()
@@ -167,7 +157,6 @@ class ChunkWriter:
                 )
             )
             self.seq += 1
-        self._shown = self._shown or (bool(delta) and self.redactor is not None)
         self._since = time.monotonic()
 
 

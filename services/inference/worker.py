@@ -231,7 +231,6 @@ class PoolWorker:
             gate=gate,
             busy=self.full,
             busy_delay_s=self.settings.token_flush_busy_ms / 1000,
-            redacted_delay_s=self.settings.output_redaction_flush_ms / 1000,
         )
         progress = Progress()
 

@@ -176,27 +176,3 @@ async def test_no_chunk_leaves_after_the_generation_is_handed_back(
     assert writer.seq == 0
     assert (await chunks_of(topics_ready, {writer.envelope.request_id}))[writer.envelope.request_id] == []
 
-
-async def test_once_text_is_out_a_redacted_stream_gathers_its_chunks_for_the_redacted_time_bound(
-    topics_ready: str, producer: AIOKafkaProducer, fresh: Boundary
-) -> None:
-    writer = writer_for(producer, fresh, redacted_delay_s=60.0)  # bounds: 8 tokens, 0 s, and 60 s
-    tokens = pieces("Sure! the plan is simple and it works well for all of us here. ", 3)
-    first_text = None
-    for n, token in enumerate(tokens):
-        await writer.add(token, 1)
-        async with asyncio.timeout(10):  # let each flush finish: the tokens are not racing it
-            while writer._flushing():
-                await asyncio.sleep(0.005)
-        if first_text is None and writer._shown:
-            first_text = n
-    await writer.close()
-    chunks = (await chunks_of(topics_ready, {writer.envelope.request_id}))[writer.envelope.request_id]
-    assert first_text is not None and first_text < 8
-    # Until text showed, every token went at once (time bound 0); then only the count
-    # bound (8) or the end closed a chunk.
-    assert [c.tokens for c in chunks[: first_text + 1]] == [1] * (first_text + 1)
-    rest = len(tokens) - first_text - 1
-    tail = [rest % 8] if rest % 8 else []
-    assert [c.tokens for c in chunks[first_text + 1 :]] == [8] * (rest // 8) + tail
-    assert "".join(c.delta for c in chunks) == "".join(tokens)
