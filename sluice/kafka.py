@@ -167,7 +167,8 @@ async def started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
 #: arrives, so a reader of a busy topic makes a fetch per record: one per token chunk
 #: at a few milliseconds apart. With these, the broker gathers up to 64 KiB or the
 #: wait, whichever comes first, so such a reader fetches at most 1000/wait times a
-#: second. A fetch costs the dev broker about 1 CPU-ms (bench-overhead profile).
+#: second. On the 2-vCPU dev box the broker spends about 1.2 CPU-ms per record
+#: produced and fetched (BENCHMARKS.md, bench-overhead).
 BATCHED_FETCH_MIN_BYTES = 64 * 1024
 
 
