@@ -175,4 +175,3 @@ async def test_no_chunk_leaves_after_the_generation_is_handed_back(
     await asyncio.gather(*flushes, return_exceptions=True)
     assert writer.seq == 0
     assert (await chunks_of(topics_ready, {writer.envelope.request_id}))[writer.envelope.request_id] == []
-
