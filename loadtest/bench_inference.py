@@ -62,10 +62,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.process_cpu import cpu_seconds
+from loadtest.process_cpu import CpuMeter
 from services.inference.engine import Sampling
 from services.inference.engines import build_engine
 from services.inference.llamacpp_engine import default_n_threads
@@ -91,20 +91,6 @@ from tests.metering.helpers import kill_hard, wait_until
 PROMPT = "Count from 1 to 500, separated by commas."
 REPLY_PARTITION = 0
 IDLE_S = 5.0
-
-
-@dataclass
-class CpuMeter:
-    """CPU spent between start() and stop() by named (pid, thread or None for all threads)."""
-
-    targets: dict[str, tuple[int, int | None]]
-    spent: dict[str, float] = field(default_factory=dict)
-
-    def start(self) -> None:
-        self._began = {name: cpu_seconds(*target) for name, target in self.targets.items()}
-
-    def stop(self) -> None:
-        self.spent = {name: cpu_seconds(*t) - self._began[name] for name, t in self.targets.items()}
 
 
 def per_k_tokens(spent: dict[str, float], tokens: int, parts: Sequence[str]) -> str:
@@ -313,7 +299,7 @@ def report(args: argparse.Namespace, rounds: Sequence[Round], idle: CpuMeter) ->
     lines += [
         f"  median ratio e2e/direct: {statistics.median(r.ratio for r in rounds):.1%} (target >= 95%)",
         f"  median p50 TTFT added: {statistics.median(r.ttft_added_s for r in rounds) * 1000:.1f} ms "
-        "(target <= 5 ms; with 16 streams on the slots it mostly mirrors the throughput gap)",
+        f"(target <= 5 ms; with {args.streams} streams on {args.slots} slots it mostly mirrors the throughput gap)",
         f"  median single request TTFT added (warm slots, after the mix): "
         f"{statistics.median(r.alone_added_s for r in rounds) * 1000:.1f} ms",
         "  CPU-s per 1,000 output tokens, all rounds, direct: "

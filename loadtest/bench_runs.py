@@ -17,7 +17,8 @@ from typing import Any
 
 from loadtest.loadgen import PromptMix, RunResult, Target, run_load
 from loadtest.loss_audit import audit_run
-from loadtest.service_cpu import CpuMeter, sluice_processes, summary_line
+from loadtest.process_cpu import CpuMeter
+from loadtest.service_cpu import per_request, sluice_meter, summary_line
 from loadtest.sluice_under_test import SluiceUnderTest
 from loadtest.stage_latency import lag_peaks, stage_breakdown, summary_lines
 from loadtest.upstream import fetch_stats, reset_stats
@@ -94,10 +95,12 @@ async def measured_run(
     """
     reset_stats(upstream_v1)
     since_ms = int(time.time() * 1000) - 1000
-    meter = CpuMeter(sluice_processes(sluice) if sluice else {})
+    meter = sluice_meter(sluice) if sluice else CpuMeter({})
+    meter.start()
     async with lag_peaks(sluice.settings.bootstrap if sluice else None, lag_every_s) as peaks:
         result = await run_load(target, rps=rps, duration_s=duration_s, mix=mix, seed=seed)
-    cpu = meter.per_request(result.sent)  # before the audit below, which waits and reads
+    meter.stop()  # before the audit below, which waits and reads
+    cpu = per_request(meter, result.sent)
     result.target = name
     stats = fetch_stats(upstream_v1)
     result.extra["upstream"] = stats
