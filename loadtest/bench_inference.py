@@ -299,7 +299,8 @@ def report(args: argparse.Namespace, rounds: Sequence[Round], idle: CpuMeter) ->
     lines += [
         f"  median ratio e2e/direct: {statistics.median(r.ratio for r in rounds):.1%} (target >= 95%)",
         f"  median p50 TTFT added: {statistics.median(r.ttft_added_s for r in rounds) * 1000:.1f} ms "
-        f"(target <= 5 ms; with {args.streams} streams on {args.slots} slots it mostly mirrors the throughput gap)",
+        f"(target <= 5 ms; with {args.streams} streams on {args.slots} slots it mostly mirrors "
+        "the throughput gap)",
         f"  median single request TTFT added (warm slots, after the mix): "
         f"{statistics.median(r.alone_added_s for r in rounds) * 1000:.1f} ms",
         "  CPU-s per 1,000 output tokens, all rounds, direct: "
