@@ -168,7 +168,7 @@ async def started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
 #: at a few milliseconds apart. With these, the broker gathers up to 64 KiB or the
 #: wait, whichever comes first, so such a reader fetches at most 1000/wait times a
 #: second. On the 2-vCPU dev box the broker spends about 1.2 CPU-ms per record
-#: produced and fetched (BENCHMARKS.md, bench-overhead).
+#: produced and fetched (BENCHMARKS.md, the bench-overhead section).
 BATCHED_FETCH_MIN_BYTES = 64 * 1024
 
 
