@@ -6,6 +6,11 @@ runs each record as its own task, up to `capacity()` at a time. When full it
 pauses every assigned partition, so unstarted records stay in Kafka (the
 group's lag grows) instead of piling up in memory; it resumes when a task ends.
 
+A handler may give its capacity back before it returns (`release_capacity`):
+an inference worker does once its generation has ended, so the next prompt is
+fetched while the last chunks, the completion and the commit are still making
+their round trips, and the engine slot does not sit idle meanwhile.
+
 Offsets: records finish out of order, so per partition it commits the lowest
 offset still open (everything below it is done), only after a record's outputs
 are acknowledged. Records on `background_topics` (batch work) are fetched only
@@ -24,7 +29,9 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -63,6 +70,21 @@ PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
 #: round trip every few ms (at 10 ms, a third of a broker core on 2 vCPUs, taken
 #: from the engine). Kafka's own default.
 IDLE_POLL_MS = 500
+
+
+#: Set in each record's task, so its handler can give back capacity without a reference here.
+_release: ContextVar[Callable[[], None] | None] = ContextVar("sluice_inflight_release", default=None)
+
+
+def release_capacity() -> None:
+    """The calling record no longer needs the engine: the consumer may fetch the next one.
+
+    Its offset stays open until its outputs are acknowledged, so crash safety is
+    unchanged. Outside a record's task (or called twice) it does nothing.
+    """
+    release = _release.get()
+    if release is not None:
+        release()
 
 
 @dataclass
@@ -110,6 +132,8 @@ class InFlightConsumer:
     on_revoked: PartitionsHook | None = None
     _consumer: AIOKafkaConsumer | None = None
     _tasks: dict[asyncio.Task[None], tuple[TopicPartition, int]] = field(default_factory=dict)
+    # Tasks that still count against capacity (not yet released, not yet done).
+    _holding: set[asyncio.Task[Any]] = field(default_factory=set)
     _progress: dict[TopicPartition, PartitionProgress] = field(default_factory=dict)
     _recent: RecentKeys = field(default_factory=RecentKeys)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -159,7 +183,7 @@ class InFlightConsumer:
 
     async def _fetch_round(self, consumer: AIOKafkaConsumer) -> None:
         assigned = consumer.assignment()
-        free = self.capacity() - len(self._tasks)
+        free = self.capacity() - len(self._holding)
         if free <= 0:
             self.full_rounds += 1
             _set_paused(consumer, assigned, assigned)
@@ -205,18 +229,25 @@ class InFlightConsumer:
             self._run_one(record), name=f"record:{tp.topic}:{tp.partition}:{record.offset}"
         )
         self._tasks[task] = (tp, record.offset)
+        self._holding.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
-        self._freed.set()
+        self._release_task(task)
         if not task.cancelled() and task.exception() is not None:
             # Its offset stays open, so the record is redelivered after a restart.
             log.error("record task failed", task=task.get_name(), error=repr(task.exception()))
 
     # -- one record ------------------------------------------------------------------------------
 
+    def _release_task(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None and task in self._holding:
+            self._holding.discard(task)
+            self._freed.set()
+
     async def _run_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        _release.set(functools.partial(self._release_task, asyncio.current_task()))
         began = time.perf_counter()
         with contextlib.ExitStack() as scope:
             event, outputs, outcome = await self._outputs_for(record, scope)

@@ -27,6 +27,7 @@ from services.redaction.boundary import Boundary, stream_redactor_for
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.kafka import Output, RequestFailed, reply_partition, send_all
+from sluice.kafka_inflight import release_capacity
 from sluice.logs import get_logger
 from sluice.topics import COMPLETIONS
 from sluice.v1 import envelope_pb2, events_pb2
@@ -87,6 +88,8 @@ class PoolWorker:
     output_boundary: Boundary | None = None
     restart_engine: EngineRestart | None = None
     _running: dict[str, int] = field(default_factory=dict)
+    # Generation ended, outputs still on their way: not running, but not a redelivery to re-run.
+    _finishing: set[str] = field(default_factory=set)
     _restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def capacity(self) -> int:
@@ -109,7 +112,7 @@ class PoolWorker:
         if model != self.pool:
             return ()  # another pool's prompt
         request_id = event.envelope.request_id
-        if request_id in self._running:
+        if request_id in self._running or request_id in self._finishing:
             log.info("duplicate dropped", request_id=request_id, reason="running here")
             return ()
         number = await self._attempt_number(event, record)
@@ -243,6 +246,7 @@ class PoolWorker:
             async for token in stream:
                 progress.token(token.tokens)
                 await writer.add(token.text, token.tokens)
+            self._engine_done(attempt.request_id)
             await writer.close()
             await gate
         except asyncio.CancelledError:  # the consumer hands this prompt back (drain, rebalance)
@@ -262,6 +266,7 @@ class PoolWorker:
             return outputs
         finally:
             self._leave(attempt.request_id)
+            self._finishing.discard(attempt.request_id)
         return self._finished(attempt, stream.result, progress)
 
     def _finished(self, attempt: Attempt, result: GenerationResult, progress: Progress) -> list[Output]:
@@ -421,6 +426,12 @@ class PoolWorker:
         self._running[request_id] = attempt
         self.board.running(request_id, abort)
         self._gauges()
+
+    def _engine_done(self, request_id: str) -> None:
+        """The slot is free: take the next prompt while this one's last outputs are acknowledged."""
+        self._finishing.add(request_id)
+        self._leave(request_id)
+        release_capacity()
 
     def _leave(self, request_id: str) -> None:
         self._running.pop(request_id, None)

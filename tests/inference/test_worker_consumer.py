@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from services.metering.reader import read_committed
 from sluice import envelope as envelopes
 from sluice.kafka import Output
-from sluice.kafka_inflight import InFlightConsumer, PartitionProgress
+from sluice.kafka_inflight import InFlightConsumer, PartitionProgress, release_capacity
 from sluice.topics import DLQ, Codec, TopicPlan, TopicSpec
 from sluice.v1 import events_pb2
 
@@ -60,6 +60,25 @@ class Gate:
 
     def let_go(self, topic: str, offset: int) -> None:
         self.event(topic, offset).set()
+
+
+class EarlyGate(Gate):
+    """Like Gate, but a record gives its capacity back (as a finished generation does) when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_done: dict[int, asyncio.Event] = {}
+
+    def finish_engine(self, offset: int) -> None:
+        self.engine_done.setdefault(offset, asyncio.Event()).set()
+
+    async def handle(self, event: Message, record: ConsumerRecord[bytes, bytes]) -> Sequence[Output]:
+        self.started.append((record.topic, record.offset))
+        await self.engine_done.setdefault(record.offset, asyncio.Event()).wait()
+        release_capacity()
+        release_capacity()  # twice: must not free a second slot
+        await self.event(record.topic, record.offset).wait()
+        return ()
 
 
 async def _topics(bootstrap: str, *names: str) -> None:
@@ -175,6 +194,42 @@ def test_a_full_consumer_pauses_and_commits_only_finished_prefixes(kafka_bootstr
             await _wait(lambda: len(gate.started) == 6, "every record")
             await _wait_committed(kafka_bootstrap, consumer.group_id, tp, 6)
             assert [o for _, o in gate.started] == [0, 1, 2, 3, 4, 5]
+        finally:
+            await consumer.stop()
+            await running
+            await producer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_released_record_frees_its_capacity_but_keeps_its_offset_open(kafka_bootstrap: str) -> None:
+    async def scenario() -> None:
+        topic = f"test.release.{uuid.uuid4().hex[:8]}"
+        await _topics(kafka_bootstrap, topic)
+        await _produce(kafka_bootstrap, topic, 4)
+        tp = TopicPartition(topic, 0)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        gate = EarlyGate()
+        consumer = _consumer(kafka_bootstrap, producer, gate, [topic], [], capacity=1)
+        running = asyncio.create_task(consumer.run())
+        try:
+            await _wait(lambda: len(gate.started) == 1, "one record in flight")
+            gate.finish_engine(0)  # its generation ended; its outputs are not acknowledged yet
+            await _wait(lambda: len(gate.started) == 2, "the released slot to take the next record")
+            rounds = consumer.full_rounds
+            await _wait(lambda: consumer.full_rounds >= rounds + 3, "the loop to go round while full")
+            assert [o for _, o in gate.started] == [0, 1], "one release frees one slot, once"
+            assert consumer.in_flight == 2
+            assert await _committed(kafka_bootstrap, consumer.group_id, tp) == 0, "record 0 is not done"
+
+            gate.let_go(topic, 0)
+            await _wait_committed(kafka_bootstrap, consumer.group_id, tp, 1)
+            assert len(gate.started) == 2, "record 1 still holds the only slot"
+            for offset in (1, 2, 3):
+                gate.finish_engine(offset)
+                gate.let_go(topic, offset)
+            await _wait_committed(kafka_bootstrap, consumer.group_id, tp, 4)
         finally:
             await consumer.stop()
             await running

@@ -35,7 +35,7 @@ from sluice.config import Settings, load_settings
 from sluice.kafka_security import client_options
 from sluice.ports import free_offset, free_ports
 from sluice.stack import Stack
-from sluice.topics import COMPLETIONS, CONTROL, DLQ, PROMPTS
+from sluice.topics import COMPLETIONS, CONTROL, DLQ, PROMPTS, TOKENS
 from sluice.v1 import events_pb2
 from tests.conftest import paused
 from tests.inference.worker_helpers import (
@@ -325,7 +325,10 @@ def test_full_workers_stop_fetching_and_leave_waiting_prompts_in_kafka(
     and while a worker is full its partitions hold more uncommitted prompts than
     it runs. Afterwards, exhaustively from the completions: no worker ever had
     more prompts between taking one (the completion envelope's event_time) and
-    publishing its completion than it has slots, so nothing queued in its memory.
+    its generation's end (the CreateTime of its last chunk, sent as the engine
+    stops; the completion follows once that is acknowledged, while the freed
+    slot already serves the next prompt) than it has slots, so nothing queued
+    in its memory.
     """
     capacity = settings.inference_slots
     owners = _owners(workers)
@@ -386,20 +389,25 @@ def test_full_workers_stop_fetching_and_leave_waiting_prompts_in_kafka(
         assert completion.usage.completion_tokens > 0
         partition = ids.index(request_id) % 6
         assert completion.worker == owners[partition], "a waiting prompt stays with its partition's owner"
-    spans = asyncio.run(_completion_spans(settings, ids))
+    spans = asyncio.run(_generation_spans(settings, ids))
     for w in workers:
         assert _most_at_once(spans[w.worker_id]) <= capacity, f"{w.worker_id} held more than its slots"
 
 
-async def _completion_spans(settings: Settings, ids: list[str]) -> dict[str, list[tuple[float, float]]]:
-    """Per worker: (taken, completion published) of each request, in seconds since the epoch."""
+async def _generation_spans(settings: Settings, ids: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Per worker: (taken, last chunk sent) of each request, in seconds since the epoch."""
     wanted = set(ids)
+    last_chunk: dict[str, float] = {}
+    async for record in read_committed(settings.bootstrap, TOKENS):
+        reply = events_pb2.ReplyEvent.FromString(record.value or b"")
+        if reply.envelope.request_id in wanted and reply.WhichOneof("body") == "chunk":
+            last_chunk[reply.envelope.request_id] = record.timestamp / 1000
     spans: dict[str, list[tuple[float, float]]] = {"worker-a": [], "worker-b": []}
     async for record in read_committed(settings.bootstrap, COMPLETIONS):
         completion = events_pb2.CompletionFinished.FromString(record.value or b"")
         if completion.envelope.request_id in wanted:
             taken = completion.envelope.event_time.ToNanoseconds() / 1e9
-            spans[completion.worker].append((taken, record.timestamp / 1000))
+            spans[completion.worker].append((taken, last_chunk[completion.envelope.request_id]))
     return spans
 
 
