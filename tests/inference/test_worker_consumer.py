@@ -10,8 +10,9 @@ several times while full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -153,6 +154,23 @@ def _consumer(
     )
 
 
+@contextlib.asynccontextmanager
+async def _consuming(
+    bootstrap: str, gate: Gate, topics: list[str], background: list[str], capacity: int
+) -> AsyncIterator[InFlightConsumer]:
+    """The consumer running over `topics` with `gate` as its handler; stopped (drained) on exit."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    consumer = _consumer(bootstrap, producer, gate, topics, background, capacity)
+    running = asyncio.create_task(consumer.run())
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+        await running
+        await producer.stop()
+
+
 async def _wait(check: object, what: str, timeout: float = 60) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -168,12 +186,8 @@ def test_a_full_consumer_pauses_and_commits_only_finished_prefixes(kafka_bootstr
         await _topics(kafka_bootstrap, topic)
         await _produce(kafka_bootstrap, topic, 6)
         tp = TopicPartition(topic, 0)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
         gate = Gate()
-        consumer = _consumer(kafka_bootstrap, producer, gate, [topic], [], capacity=2)
-        running = asyncio.create_task(consumer.run())
-        try:
+        async with _consuming(kafka_bootstrap, gate, [topic], [], capacity=2) as consumer:
             await _wait(lambda: len(gate.started) == 2, "two records in flight")
             rounds = consumer.full_rounds
             await _wait(lambda: consumer.full_rounds >= rounds + 3, "the loop to go round while full")
@@ -194,10 +208,6 @@ def test_a_full_consumer_pauses_and_commits_only_finished_prefixes(kafka_bootstr
             await _wait(lambda: len(gate.started) == 6, "every record")
             await _wait_committed(kafka_bootstrap, consumer.group_id, tp, 6)
             assert [o for _, o in gate.started] == [0, 1, 2, 3, 4, 5]
-        finally:
-            await consumer.stop()
-            await running
-            await producer.stop()
 
     asyncio.run(scenario())
 
@@ -208,12 +218,8 @@ def test_a_released_record_frees_its_capacity_but_keeps_its_offset_open(kafka_bo
         await _topics(kafka_bootstrap, topic)
         await _produce(kafka_bootstrap, topic, 4)
         tp = TopicPartition(topic, 0)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
         gate = EarlyGate()
-        consumer = _consumer(kafka_bootstrap, producer, gate, [topic], [], capacity=1)
-        running = asyncio.create_task(consumer.run())
-        try:
+        async with _consuming(kafka_bootstrap, gate, [topic], [], capacity=1) as consumer:
             await _wait(lambda: len(gate.started) == 1, "one record in flight")
             gate.finish_engine(0)  # its generation ended; its outputs are not acknowledged yet
             await _wait(lambda: len(gate.started) == 2, "the released slot to take the next record")
@@ -230,10 +236,6 @@ def test_a_released_record_frees_its_capacity_but_keeps_its_offset_open(kafka_bo
                 gate.finish_engine(offset)
                 gate.let_go(topic, offset)
             await _wait_committed(kafka_bootstrap, consumer.group_id, tp, 4)
-        finally:
-            await consumer.stop()
-            await running
-            await producer.stop()
 
     asyncio.run(scenario())
 
@@ -255,20 +257,12 @@ def test_background_work_waits_for_interactive_work(kafka_bootstrap: str) -> Non
         await _topics(kafka_bootstrap, interactive, batch)
         await _produce(kafka_bootstrap, batch, 2)
         await _produce(kafka_bootstrap, interactive, 2)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
         gate = Gate()
-        consumer = _consumer(kafka_bootstrap, producer, gate, [interactive], [batch], capacity=1)
-        running = asyncio.create_task(consumer.run())
-        try:
+        async with _consuming(kafka_bootstrap, gate, [interactive], [batch], capacity=1):
             for step in range(4):
                 await _wait(lambda step=step: len(gate.started) == step + 1, f"record {step + 1}")
                 gate.let_go(*gate.started[-1])
             assert [t for t, _ in gate.started] == [interactive, interactive, batch, batch]
-        finally:
-            await consumer.stop()
-            await running
-            await producer.stop()
 
     asyncio.run(scenario())
 
@@ -278,20 +272,12 @@ def test_a_poison_record_goes_to_the_dlq_and_the_rest_flows(kafka_bootstrap: str
         topic = f"test.poison.{uuid.uuid4().hex[:8]}"
         await _topics(kafka_bootstrap, topic, DLQ)
         await _produce(kafka_bootstrap, topic, 3, poison_at=1)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
-        await producer.start()
         gate = Gate()
         for offset in range(3):
             gate.let_go(topic, offset)
-        consumer = _consumer(kafka_bootstrap, producer, gate, [topic], [], capacity=2)
-        running = asyncio.create_task(consumer.run())
-        try:
+        async with _consuming(kafka_bootstrap, gate, [topic], [], capacity=2) as consumer:
             await _wait_committed(kafka_bootstrap, consumer.group_id, TopicPartition(topic, 0), 3)
             assert [o for _, o in gate.started] == [0, 2]
-        finally:
-            await consumer.stop()
-            await running
-            await producer.stop()
         letters = [
             events_pb2.DeadLetter.FromString(r.value or b"")
             async for r in read_committed(kafka_bootstrap, DLQ)
