@@ -27,9 +27,9 @@ p50 difference mostly mirrors the engine's speed in each run, which drifts by
 hundreds of ms of p50 between runs (loadtest/slot_chains.py). What the worker
 path adds to a request's first token is therefore also read off its
 completions, with the engine's own time taken out ("worker adds"): the hand-off
-gaps on the request's slot chain plus its first-token delivery. And one
-request alone on the same warm engine after the mix, on each path ("single
-request TTFT").
+gaps on the request's slot chain plus its first-token delivery. The bench also
+times one request alone on the same warm engine after the mix, on each path
+("single request TTFT").
 
 CPU is reported per 1,000 output tokens for every process on each path (from
 /proc/<pid>/stat, so it is meaningful on a busy machine where wall tok/s is

@@ -4,7 +4,8 @@ EventConsumer handles one record after another, which is right for cheap
 handlers but would leave an inference engine's batch mostly empty. This one
 runs each record as its own task, up to `capacity()` at a time. When full it
 pauses every assigned partition, so unstarted records stay in Kafka (the
-group's lag grows) instead of piling up in memory; it resumes when a task ends.
+group's lag grows) instead of piling up in memory; it resumes when a task ends
+or gives its capacity back.
 
 A handler may give its capacity back before it returns (`release_capacity`):
 an inference worker does once its generation has ended, so the next prompt is
