@@ -162,14 +162,19 @@ async def started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
     return consumer
 
 
-#: Fetch settings for readers off the caller's path (the audit trail; the charge a
-#: stream ends with). By default the broker answers a long poll as soon as one record
-#: arrives, so a reader of a busy topic makes a fetch per record: one per token chunk
-#: at a few milliseconds apart. With these, the broker gathers up to 64 KiB or the
-#: wait, whichever comes first, so such a reader fetches at most 1000/wait times a
-#: second. On the 2-vCPU dev box the broker spends about 1.2 CPU-ms per record
-#: produced and fetched (BENCHMARKS.md, the bench-overhead section).
-BATCHED_FETCH_MIN_BYTES = 64 * 1024
+async def pace(taken: float, interval_s: float) -> None:
+    """Wait until `interval_s` after `taken` (time.monotonic) before the next getmany.
+
+    For readers off the caller's path that see every token chunk (the audit
+    trail; the charge a stream ends with). A long poll returns as soon as one
+    record arrives, so such a reader would fetch once per chunk, a few ms
+    apart. aiokafka fetches a partition again only once its buffered records
+    are taken, so waiting here paces the fetches themselves: under load one per
+    interval, carrying what arrived meanwhile; idle, one long poll that returns
+    at the first record. (The broker spends about 1.2 CPU-ms per record
+    produced and fetched on the 2-vCPU dev box: BENCHMARKS.md, bench-overhead.)
+    """
+    await asyncio.sleep(interval_s - (time.monotonic() - taken))
 
 
 async def start_partition_reader(
@@ -179,7 +184,6 @@ async def start_partition_reader(
     tp: TopicPartition,
     offset: int | None = None,
     isolation_level: str = "read_committed",
-    fetch_min_bytes: int = 1,
     fetch_max_wait_ms: int = 500,
 ) -> AIOKafkaConsumer:
     """A group-less reader of one partition, from `offset` or else the end.
@@ -197,8 +201,7 @@ async def start_partition_reader(
             client_id=client_id,
             enable_auto_commit=False,
             isolation_level=isolation_level,
-            # A long poll: the broker answers as soon as `fetch_min_bytes` have arrived.
-            fetch_min_bytes=fetch_min_bytes,
+            # A long poll: the broker answers as soon as a record arrives.
             fetch_max_wait_ms=fetch_max_wait_ms,
         )
         try:
@@ -315,9 +318,8 @@ class EventConsumer:
     # write a local store, to make the poll durable in one write (metering's SQLite ledger view
     # commits once per poll instead of once per row).
     after_poll: Callable[[], None] | None = None
-    # Readers off the caller's path batch their fetches (BATCHED_FETCH_MIN_BYTES).
-    fetch_min_bytes: int = 1
-    fetch_max_wait_ms: int = 500
+    # Readers off the caller's path take a poll at most this often (see `pace`).
+    poll_interval_s: float = 0.0
     _consumer: AIOKafkaConsumer | None = None
     _pending: list[Output] = field(default_factory=list)
     _pending_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -333,6 +335,7 @@ class EventConsumer:
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                taken = time.monotonic()
                 # Across partitions, handle in event-time order (each partition's order kept),
                 # so a request's stages are seen in the order they happened.
                 records = list(heapq.merge(*batches.values(), key=lambda r: r.timestamp))
@@ -351,6 +354,8 @@ class EventConsumer:
                     if self.poll_outputs is not None:
                         self._pending.extend(self.poll_outputs())  # once: retries resend the same
                     await with_backoff("produce", self.service, self._produce_batch)
+                if records and self.poll_interval_s:
+                    await pace(taken, self.poll_interval_s)
         finally:
             await consumer.stop()
             if self._own_producer:
@@ -370,8 +375,6 @@ class EventConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            fetch_min_bytes=self.fetch_min_bytes,
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
         )
         return await started(consumer)
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import BATCHED_FETCH_MIN_BYTES, started, with_backoff
+from sluice.kafka import pace, started, with_backoff
 from sluice.kafka_security import client_options
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
@@ -34,8 +34,8 @@ log = get_logger()
 CAPACITY = 20_000
 # Longest a completion waits for the collector to reach its reply partition's end.
 CATCH_UP_S = 30.0
-# How long the broker may gather records for the audit's readers before answering.
-AUDIT_FETCH_WAIT_MS = 100
+# The audit's readers take a batch at most this often (sluice.kafka.pace).
+AUDIT_READ_INTERVAL_S = 0.1
 
 Attempt = tuple[str, int]
 
@@ -126,6 +126,7 @@ class OutputCollector:
             self.ready.set()
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                taken = time.monotonic()
                 for records in batches.values():
                     for record in records:
                         self.feed(record.value)
@@ -133,6 +134,8 @@ class OutputCollector:
                     for tp in tps:
                         self._positions[tp.partition] = await consumer.position(tp)
                     self._moved.notify_all()
+                if batches:
+                    await pace(taken, AUDIT_READ_INTERVAL_S)
         finally:
             await consumer.stop()
             if self._offsets is not None:
@@ -145,9 +148,7 @@ class OutputCollector:
             client_id="sluice-audit-outputs",
             enable_auto_commit=False,
             isolation_level="read_committed",
-            # Chunks come a few ms apart: gather them for up to AUDIT_FETCH_WAIT_MS instead
-            # of a fetch per chunk. `take` then waits at most that long for a reply partition.
-            fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
-            fetch_max_wait_ms=AUDIT_FETCH_WAIT_MS,
+            # Chunks come a few ms apart: the loop takes them at most every AUDIT_READ_INTERVAL_S
+            # instead of a fetch per chunk, so `take` may wait that much longer for a partition.
         )
         return await started(consumer)

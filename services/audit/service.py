@@ -36,7 +36,7 @@ from services.audit.filters import (
     user_filter,
 )
 from services.audit.keys import KeyRing, key_topic_key, load_master_key, subject_of
-from services.audit.outputs import AUDIT_FETCH_WAIT_MS, OutputCollector
+from services.audit.outputs import AUDIT_READ_INTERVAL_S, OutputCollector
 from services.audit.policy import Policies
 from services.audit.records import STAGES, audit_record, checkpoint_record
 from services.audit.store import AuditStore, Incomplete, Row, is_dsn
@@ -45,7 +45,6 @@ from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.identity import pseudonymous_user
 from sluice.kafka import (
-    BATCHED_FETCH_MIN_BYTES,
     EventConsumer,
     Output,
     send,
@@ -518,9 +517,8 @@ class AuditService(Service):
                 self.append,
                 transactional=True,
                 batch_transactions=True,
-                # Off the caller's path: a fetch per 100 ms at most, not one per record.
-                fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
-                fetch_max_wait_ms=AUDIT_FETCH_WAIT_MS,
+                # Off the caller's path: a poll per 100 ms at most, not a fetch per record.
+                poll_interval_s=AUDIT_READ_INTERVAL_S,
             )
         ]
 

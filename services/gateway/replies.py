@@ -21,11 +21,13 @@ answer from its first token, live if it is still running.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from sluice.kafka import BATCHED_FETCH_MIN_BYTES, start_partition_reader
+from sluice.kafka import pace, start_partition_reader
+from sluice.kafka_inflight import IDLE_POLL_MS
 from sluice.logs import get_logger
 from sluice.topics import TOKENS
 from sluice.v1 import events_pb2
@@ -37,9 +39,10 @@ TRANSACTIONAL_WRITERS = frozenset({"metering"})
 # Replies that come before a request's first chunk (or instead of chunks): seeing one
 # first means the replay starts at the beginning of the answer.
 WHOLE_FROM = ("pseudonyms", "restarted", "finished", "failed")
-# The committed reader (charges) fetches at most this often: a stream's end may wait
-# this long for its charge, and the reader does not fetch once per token chunk.
-CHARGE_FETCH_WAIT_MS = 20
+# The committed reader (charges) takes a batch at most this often. It sees every token
+# chunk on the partition too, so unpaced it would fetch once per chunk under load; a
+# stream's end may wait this long for its charge. Idle, it long-polls (IDLE_POLL_MS).
+CHARGE_READ_INTERVAL_S = 0.02
 
 
 class ReplyRouter:
@@ -73,8 +76,7 @@ class ReplyRouter:
             "gateway",
             "sluice-gateway-replies",
             tp,
-            fetch_min_bytes=BATCHED_FETCH_MIN_BYTES,
-            fetch_max_wait_ms=CHARGE_FETCH_WAIT_MS,
+            fetch_max_wait_ms=IDLE_POLL_MS,
         )
         try:
             live = await start_partition_reader(
@@ -90,17 +92,24 @@ class ReplyRouter:
         self.ready.set()
         log.info("reading replies", topic=TOKENS, partition=self.partition)
         try:
-            await asyncio.gather(self._follow(committed, transactional=True), self._follow(live, False))
+            await asyncio.gather(
+                self._follow(committed, transactional=True, interval_s=CHARGE_READ_INTERVAL_S),
+                self._follow(live, transactional=False),
+            )
         finally:
             await committed.stop()
             await live.stop()
 
-    async def _follow(self, consumer: AIOKafkaConsumer, transactional: bool) -> None:
+    async def _follow(self, consumer: AIOKafkaConsumer, transactional: bool, interval_s: float = 0.0) -> None:
+        """Deliver what `consumer` reads; with `interval_s`, take a batch at most that often."""
         while True:
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            batches = await consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=500)
+            taken = time.monotonic()
             for records in batches.values():
                 for record in records:
                     self._dispatch(record.value, transactional)
+            if batches and interval_s:
+                await pace(taken, interval_s)
 
     def _dispatch(self, value: bytes | None, transactional: bool) -> None:
         event = events_pb2.ReplyEvent()
