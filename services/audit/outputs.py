@@ -135,6 +135,8 @@ class OutputCollector:
                         self._positions[tp.partition] = await consumer.position(tp)
                     self._moved.notify_all()
                 if batches:
+                    # Chunks come a few ms apart: a batch per interval, not a fetch per chunk;
+                    # `take` may wait that much longer for a reply partition.
                     await pace(taken, AUDIT_READ_INTERVAL_S)
         finally:
             await consumer.stop()
@@ -148,7 +150,5 @@ class OutputCollector:
             client_id="sluice-audit-outputs",
             enable_auto_commit=False,
             isolation_level="read_committed",
-            # Chunks come a few ms apart: the loop takes them at most every AUDIT_READ_INTERVAL_S
-            # instead of a fetch per chunk, so `take` may wait that much longer for a partition.
         )
         return await started(consumer)
