@@ -107,6 +107,14 @@ async def _produce(bootstrap: str, topic: str, count: int, poison_at: int | None
         await producer.stop()
 
 
+async def _topic_with(bootstrap: str, kind: str, count: int) -> tuple[str, TopicPartition]:
+    """A fresh one-partition topic holding `count` prompts."""
+    topic = f"test.{kind}.{uuid.uuid4().hex[:8]}"
+    await _topics(bootstrap, topic)
+    await _produce(bootstrap, topic, count)
+    return topic, TopicPartition(topic, 0)
+
+
 async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -182,10 +190,7 @@ async def _wait(check: object, what: str, timeout: float = 60) -> None:
 
 def test_a_full_consumer_pauses_and_commits_only_finished_prefixes(kafka_bootstrap: str) -> None:
     async def scenario() -> None:
-        topic = f"test.inflight.{uuid.uuid4().hex[:8]}"
-        await _topics(kafka_bootstrap, topic)
-        await _produce(kafka_bootstrap, topic, 6)
-        tp = TopicPartition(topic, 0)
+        topic, tp = await _topic_with(kafka_bootstrap, "inflight", 6)
         gate = Gate()
         async with _consuming(kafka_bootstrap, gate, [topic], [], capacity=2) as consumer:
             await _wait(lambda: len(gate.started) == 2, "two records in flight")
@@ -214,10 +219,7 @@ def test_a_full_consumer_pauses_and_commits_only_finished_prefixes(kafka_bootstr
 
 def test_a_released_record_frees_its_capacity_but_keeps_its_offset_open(kafka_bootstrap: str) -> None:
     async def scenario() -> None:
-        topic = f"test.release.{uuid.uuid4().hex[:8]}"
-        await _topics(kafka_bootstrap, topic)
-        await _produce(kafka_bootstrap, topic, 4)
-        tp = TopicPartition(topic, 0)
+        topic, tp = await _topic_with(kafka_bootstrap, "release", 4)
         gate = EarlyGate()
         async with _consuming(kafka_bootstrap, gate, [topic], [], capacity=1) as consumer:
             await _wait(lambda: len(gate.started) == 1, "one record in flight")
