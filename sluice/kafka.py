@@ -184,7 +184,6 @@ async def start_partition_reader(
     tp: TopicPartition,
     offset: int | None = None,
     isolation_level: str = "read_committed",
-    fetch_max_wait_ms: int = 500,
 ) -> AIOKafkaConsumer:
     """A group-less reader of one partition, from `offset` or else the end.
 
@@ -201,8 +200,7 @@ async def start_partition_reader(
             client_id=client_id,
             enable_auto_commit=False,
             isolation_level=isolation_level,
-            # A long poll: the broker answers as soon as a record arrives.
-            fetch_max_wait_ms=fetch_max_wait_ms,
+            fetch_max_wait_ms=500,  # a long poll: the broker answers as soon as a record arrives
         )
         try:
             await consumer.start()

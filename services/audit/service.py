@@ -44,13 +44,7 @@ from services.audit.topic_reader import AUDIT_PARTITION, read_audit_topic
 from sluice import envelope as envelopes
 from sluice.config import Settings
 from sluice.identity import pseudonymous_user
-from sluice.kafka import (
-    EventConsumer,
-    Output,
-    send,
-    start_partition_reader,
-    start_producer,
-)
+from sluice.kafka import EventConsumer, Output, send, start_partition_reader, start_producer
 from sluice.logs import get_logger
 from sluice.service import Context, GrpcApi, Runtime, Service
 from sluice.topics import AUDIT, AUDIT_ALERTS, AUDIT_KEYS, COMPLIANCE, TOKENS, load_plan

@@ -71,13 +71,7 @@ class ReplyRouter:
 
     async def run(self) -> None:
         tp = TopicPartition(TOKENS, self.partition)
-        committed = await start_partition_reader(
-            self.bootstrap,
-            "gateway",
-            "sluice-gateway-replies",
-            tp,
-            fetch_max_wait_ms=IDLE_POLL_MS,
-        )
+        committed = await start_partition_reader(self.bootstrap, "gateway", "sluice-gateway-replies", tp)
         try:
             live = await start_partition_reader(
                 self.bootstrap,
